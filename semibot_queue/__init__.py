@@ -1,0 +1,46 @@
+"""semibot_queue: a hardened, synchronous Redis task queue.
+
+Producers enqueue agent tasks, workers run them on a bounded thread pool, results come
+back over Redis pub/sub; nothing accepted is ever lost and every failure ends in a
+dead-letter queue that operators can inspect and replay.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from semibot_queue.consumer import TaskConsumer
+from semibot_queue.dead_letter import DeadLetterQueue
+from semibot_queue.errors import (
+    InvalidTaskError,
+    PermanentTaskError,
+    QueueConnectionError,
+    QueueError,
+    QueueFullError,
+    SettingsError,
+)
+from semibot_queue.models import DeadLetterRecord, TaskMessage, TaskPayload, TaskResult
+from semibot_queue.producer import TaskProducer
+from semibot_queue.settings import QueueSettings
+
+try:
+    __version__ = version("semibot-queue")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0+unknown"
+
+__all__ = [
+    "DeadLetterQueue",
+    "DeadLetterRecord",
+    "InvalidTaskError",
+    "PermanentTaskError",
+    "QueueConnectionError",
+    "QueueError",
+    "QueueFullError",
+    "QueueSettings",
+    "SettingsError",
+    "TaskConsumer",
+    "TaskMessage",
+    "TaskPayload",
+    "TaskProducer",
+    "TaskResult",
+]

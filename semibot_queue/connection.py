@@ -1,0 +1,113 @@
+"""Redis clients and the reconnect loop shared by producer, consumer and dead-letter queue.
+
+Redis errors are translated here: after MAX_RECONNECT_ATTEMPTS consecutive failures
+a caller gets QueueConnectionError naming the (password-masked) URL.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+
+from semibot_queue.backoff import Random, exponential_delay
+from semibot_queue.errors import QueueConnectionError
+from semibot_queue.settings import QueueSettings
+
+T = TypeVar("T")
+log = logging.getLogger("semibot_queue.connection")
+
+#: The errors after which a call is worth repeating once Redis is back.
+TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
+def make_client(url: str, settings: QueueSettings) -> redis.Redis:
+    """A client for ``url`` (``redis://``, ``rediss://``, ``unix://``; ACL users in it).
+
+    Its socket timeout stays above every blocking call the queue makes.
+    """
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=settings.socket_timeout,
+        socket_connect_timeout=settings.socket_timeout,
+        health_check_interval=0,
+    )
+
+
+class Reconnector:
+    """Runs Redis calls, retrying transient failures with exponential backoff.
+
+    Holds no per-call state, so one instance serves every thread of its owner.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        queue: str,
+        settings: QueueSettings,
+        stop: threading.Event | None = None,
+        rand: Random = random.random,
+        on_retry: Callable[[], None] | None = None,
+    ) -> None:
+        self.url = mask_url(url)
+        self._queue = queue
+        self._settings = settings
+        self._stop = stop or threading.Event()
+        self._rand = rand
+        self._on_retry = on_retry
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after ``failures`` consecutive failures."""
+        s = self._settings
+        return exponential_delay(
+            failures, s.error_retry_delay, s.max_reconnect_delay, s.retry_jitter, self._rand
+        )
+
+    def wait_after(self, exc: Exception, what: str, failures: int) -> None:
+        """Wait before try ``failures + 1`` of ``what``, or raise when out of attempts."""
+        limit = self._settings.max_reconnect_attempts
+        if failures >= limit:
+            raise QueueConnectionError(
+                f"Redis at {self.url} unreachable after {failures} attempts ({what}): {exc}"
+            ) from exc
+        wait = self.delay(failures)
+        log.warning(
+            "queue %s: redis at %s failed during %s (%s); reconnect attempt %d/%d in %.2fs",
+            self._queue,
+            self.url,
+            what,
+            exc,
+            failures,
+            limit,
+            wait,
+            extra={"queue": self._queue, "redis_url": self.url, "attempt": failures},
+        )
+        if self._on_retry is not None:
+            self._on_retry()
+        self._stop.wait(wait)
+
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()``, retried on transient errors up to MAX_RECONNECT_ATTEMPTS in a row."""
+        failures = 0
+        while True:
+            try:
+                return fn()
+            except TRANSIENT as exc:
+                failures += 1
+                self.wait_after(exc, what, failures)

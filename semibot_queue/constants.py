@@ -1,0 +1,128 @@
+"""Every default of semibot_queue, in one place.
+
+Each value carries a ``#:`` comment with its unit and meaning. Nothing here reads
+the environment: :class:`semibot_queue.settings.QueueSettings` does that on request.
+"""
+
+from __future__ import annotations
+
+# --- names -----------------------------------------------------------------
+
+#: Name of the queue when none is given; every key of a queue carries it as a hash tag.
+DEFAULT_QUEUE_NAME = "agent:tasks"
+
+#: Prefix of result channels; a result is published on ``<prefix>:<session_id>``.
+RESULT_CHANNEL_PREFIX = "agent:results"
+
+#: Suffix of a queue's dead-letter store: queue ``agent:tasks`` keeps them at ``{agent:tasks}:dead``.
+DEAD_LETTER_QUEUE = "dead"
+
+# --- consumer --------------------------------------------------------------
+
+#: Handlers one worker runs at once (thread pool size and in-flight limit).
+MAX_CONCURRENT_TASKS = 10
+
+#: Seconds an idle worker's blocking pop may wait in total before it loops (see STOP_POLL_SLICE).
+QUEUE_POLL_TIMEOUT = 30.0
+
+#: Seconds one blocking call waits at most, so ``stop()`` is seen within about a second.
+STOP_POLL_SLICE = 1.0
+
+#: Seconds between two "all slots busy" warnings of one worker.
+BUSY_WARNING_INTERVAL = 10.0
+
+# --- producer and results --------------------------------------------------
+
+#: Seconds ``wait_for_result`` waits by default.
+RESULT_WAIT_TIMEOUT = 300.0
+
+#: Seconds one pub/sub read waits before the waiter re-checks its deadline.
+PUBSUB_MESSAGE_TIMEOUT = 1.0
+
+#: Seconds a stored result stays readable after the task finished.
+RESULT_TTL = 3600
+
+#: Task ids whose session a producer remembers, so a waiter listens on one channel only.
+MAX_TRACKED_SESSIONS = 10_000
+
+# --- backpressure ----------------------------------------------------------
+
+#: Pending tasks beyond which ``enqueue`` raises QueueFullError.
+MAX_QUEUE_LENGTH = 10_000
+
+#: Pending length from which every push logs a warning.
+QUEUE_LENGTH_WARNING_THRESHOLD = 5_000
+
+#: Bytes of one encoded task beyond which ``enqueue`` refuses it.
+MAX_PAYLOAD_BYTES = 1_048_576
+
+# --- connection failures ---------------------------------------------------
+
+#: Seconds before the first reconnect attempt; doubles on each consecutive failure.
+ERROR_RETRY_DELAY = 1.0
+
+#: Seconds a reconnect delay grows to at most.
+MAX_RECONNECT_DELAY = 60.0
+
+#: Consecutive connection failures after which QueueConnectionError is raised.
+MAX_RECONNECT_ATTEMPTS = 10
+
+#: Seconds a connection may wait for a reply (blocking calls stay below it).
+SOCKET_TIMEOUT = 5.0
+
+# --- retries and dead letters ----------------------------------------------
+
+#: Retries after the first attempt before a failing task is dead-lettered.
+MAX_RETRY_ATTEMPTS = 3
+
+#: Seconds before the first retry; doubles on each further retry.
+RETRY_BASE_DELAY = 1.0
+
+#: Seconds a retry delay grows to at most.
+RETRY_MAX_DELAY = 300.0
+
+#: Fraction of a retry delay added or removed at random, so retries do not stampede.
+RETRY_JITTER = 0.1
+
+#: Deliveries lost to dead workers after which a task is dead-lettered as poison.
+MAX_DELIVERY_ATTEMPTS = 3
+
+#: Dead-letter records kept; the oldest is evicted (logged and counted) beyond it.
+DEAD_LETTER_MAX_LENGTH = 10_000
+
+#: Seconds a dead-letter record is kept before it is evicted (logged and counted).
+DEAD_LETTER_TTL = 7 * 24 * 3600
+
+# --- workers ---------------------------------------------------------------
+
+#: Seconds between two heartbeats of a worker.
+HEARTBEAT_INTERVAL = 2.0
+
+#: Seconds without a heartbeat after which a worker is dead and its tasks are recovered.
+WORKER_DEAD_AFTER = 10.0
+
+#: Seconds a stopping worker waits for in-flight tasks before returning them to pending.
+SHUTDOWN_TIMEOUT = 30.0
+
+#: Tasks moved by one call of the promote or recover scripts, to keep each script short.
+MAINTENANCE_BATCH = 100
+
+#: Characters a queue name, worker id or task id may have at most.
+MAX_NAME_LENGTH = 200
+
+#: Prefix of the environment variables that override settings: ``SEMIBOT_QUEUE_<NAME>``.
+ENV_PREFIX = "SEMIBOT_QUEUE_"
+
+# --- metrics ---------------------------------------------------------------
+
+#: Histogram buckets of task duration in seconds: agent runs take 5 ms to 10 minutes.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+#: Host the worker's ``/metrics`` endpoint binds to unless told otherwise.
+METRICS_HOST = "127.0.0.1"
+
+#: Seconds between two runs of the watcher's loop (promotes due retries each time).
+WATCHER_TICK = 0.25
+
+#: URL of Redis when neither ``--redis-url`` nor ``$REDIS_URL`` is given.
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"

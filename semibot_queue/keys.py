@@ -1,0 +1,98 @@
+"""The only place where a Redis key or channel name is spelled.
+
+Every key of a queue carries the hash tag ``{queue}`` so that each script touches a
+single Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+
+from semibot_queue.constants import DEAD_LETTER_QUEUE, MAX_NAME_LENGTH, RESULT_CHANNEL_PREFIX
+from semibot_queue.errors import InvalidTaskError
+
+_NAME = re.compile(r"[A-Za-z0-9_.:\-]+")
+
+
+def validate_name(value: str, what: str) -> str:
+    """Return ``value`` if it may appear inside a key, else raise InvalidTaskError.
+
+    Braces, spaces and wildcards are refused so that no name can change another
+    key's hash tag or match other keys in a pattern.
+    """
+    if (
+        not isinstance(value, str)
+        or len(value) > MAX_NAME_LENGTH
+        or not _NAME.fullmatch(value)
+    ):
+        raise InvalidTaskError(
+            f"{what} {value!r} is not allowed: use 1 to {MAX_NAME_LENGTH}"
+            " of the characters A-Z a-z 0-9 _ . : -"
+        )
+    return value
+
+
+@attrs.frozen
+class KeySpace:
+    """Key names of one queue."""
+
+    queue: str = attrs.field(converter=lambda q: validate_name(q, "queue name"))
+    result_prefix: str = RESULT_CHANNEL_PREFIX
+
+    @property
+    def _tag(self) -> str:
+        return "{" + self.queue + "}"
+
+    @property
+    def pending(self) -> str:
+        """List of tasks waiting for a worker (pushed left, taken right)."""
+        return f"{self._tag}:pending"
+
+    @property
+    def scheduled(self) -> str:
+        """Sorted set of tasks waiting for a retry, scored by due time in ms."""
+        return f"{self._tag}:scheduled"
+
+    @property
+    def workers(self) -> str:
+        """Sorted set of live workers, scored by their last heartbeat in ms."""
+        return f"{self._tag}:workers"
+
+    @property
+    def dead(self) -> str:
+        """Hash of dead-letter records by task id."""
+        return f"{self._tag}:{DEAD_LETTER_QUEUE}"
+
+    @property
+    def dead_index(self) -> str:
+        """Sorted set of dead-letter task ids, scored by failure time in ms."""
+        return f"{self._tag}:{DEAD_LETTER_QUEUE}:index"
+
+    @property
+    def inflight_prefix(self) -> str:
+        """Prefix of every worker's in-flight list; a script appends the worker id."""
+        return f"{self._tag}:inflight:"
+
+    def inflight(self, worker_id: str) -> str:
+        """List of tasks that ``worker_id`` has taken and not yet finished."""
+        return self.inflight_prefix + validate_name(worker_id, "worker id")
+
+    @property
+    def result_key_prefix(self) -> str:
+        """Prefix of stored results; a script appends the task id."""
+        return f"{self._tag}:result:"
+
+    def result(self, task_id: str) -> str:
+        """String holding the JSON result of ``task_id`` for RESULT_TTL seconds."""
+        return self.result_key_prefix + validate_name(task_id, "task id")
+
+    def result_channel(self, session_id: str) -> str:
+        """Pub/sub channel on which the results of one session are published."""
+        return f"{self.result_prefix}:{session_id}"
+
+    @property
+    def result_channel_pattern(self) -> str:
+        """Pattern matching every result channel, for waiters that do not know the session."""
+        return f"{self.result_prefix}:*"

@@ -1,0 +1,14 @@
+-- retry: take a failed task out of the in-flight list and schedule its next attempt.
+-- KEYS[1]  the worker's in-flight list
+-- KEYS[2]  scheduled sorted set (score: due time in ms, Redis clock)
+-- ARGV[1]  the task as taken
+-- ARGV[2]  the task as it must run next (retry_count and last_error updated)
+-- ARGV[3]  delay in ms
+-- Returns 1, or 0 when the task was no longer in flight (nothing written).
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then
+  return 0
+end
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZADD', KEYS[2], now_ms + tonumber(ARGV[3]), ARGV[2])
+return 1

@@ -1,0 +1,72 @@
+"""Prometheus metrics of one queue, registered in an injected ``CollectorRegistry``.
+
+Several producers or consumers of one process may share a registry: each metric is
+created once per registry and every instance uses its ``queue`` label.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+from semibot_queue.constants import DURATION_BUCKETS
+
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+#: Final statuses counted by ``semibot_queue_tasks_processed_total``.
+PROCESSED_STATUSES = ("succeeded", "failed", "retried", "dead_lettered")
+
+
+def _metric(registry: CollectorRegistry, kind: type[M], name: str, doc: str, **kw: Any) -> M:
+    labels = ["queue", *kw.pop("extra_labels", [])]
+    try:
+        return kind(name, doc, labels, registry=registry, **kw)
+    except ValueError:
+        # Already registered by another producer or consumer of this registry.
+        existing = registry._names_to_collectors[name]  # noqa: SLF001 - no public lookup
+        if not isinstance(existing, kind):
+            raise
+        return existing
+
+
+class Metrics:
+    """The queue's counters, gauges and histogram, already bound to its ``queue`` label."""
+
+    def __init__(self, queue: str, registry: CollectorRegistry | None = None) -> None:
+        reg = REGISTRY if registry is None else registry
+        self.registry = reg
+
+        def counter(name: str, doc: str) -> Any:
+            return _metric(reg, Counter, name, doc).labels(queue=queue)
+
+        def gauge(name: str, doc: str) -> Any:
+            return _metric(reg, Gauge, name, doc).labels(queue=queue)
+
+        processed = _metric(
+            reg,
+            Counter,
+            "semibot_queue_tasks_processed",
+            "Task attempts by outcome.",
+            extra_labels=["status"],
+        )
+        self.processed = {s: processed.labels(queue=queue, status=s) for s in PROCESSED_STATUSES}
+        self.duration = _metric(
+            reg,
+            Histogram,
+            "semibot_queue_task_duration_seconds",
+            "Seconds a handler ran.",
+            buckets=DURATION_BUCKETS,
+        ).labels(queue=queue)
+        self.queue_length = gauge("semibot_queue_length", "Tasks pending.")
+        self.concurrent = gauge("semibot_queue_concurrent_tasks", "Handlers running now.")
+        self.dead_letter_length = gauge("semibot_queue_dead_letter_length", "Dead letters kept.")
+        self.scheduled_length = gauge("semibot_queue_scheduled_length", "Retries waiting.")
+        self.enqueued = counter("semibot_queue_enqueued", "Tasks accepted by enqueue.")
+        self.rejected = counter("semibot_queue_rejected", "Tasks refused: queue full.")
+        self.retries = counter("semibot_queue_retries", "Retries scheduled.")
+        self.recovered = counter("semibot_queue_recovered", "Tasks recovered from dead workers.")
+        self.reconnects = counter("semibot_queue_redis_reconnects", "Redis reconnect attempts.")
+        self.evictions = counter(
+            "semibot_queue_dead_letter_evictions", "Dead letters evicted by TTL or length bound."
+        )

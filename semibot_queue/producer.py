@@ -1,0 +1,237 @@
+"""``TaskProducer``: puts tasks on the queue within its limit and waits for their results."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from types import TracebackType
+
+import redis
+from prometheus_client import CollectorRegistry
+
+from semibot_queue.codec import Codec
+from semibot_queue.connection import TRANSIENT, Reconnector, make_client
+from semibot_queue.constants import DEFAULT_REDIS_URL, MAX_TRACKED_SESSIONS
+from semibot_queue.errors import InvalidTaskError, QueueError, QueueFullError
+from semibot_queue.keys import KeySpace
+from semibot_queue.metrics import Metrics
+from semibot_queue.models import TaskMessage, TaskPayload, TaskResult
+from semibot_queue.scripts import Scripts
+from semibot_queue.settings import QueueSettings
+
+log = logging.getLogger("semibot_queue.producer")
+
+
+def default_redis_url() -> str:
+    """``$REDIS_URL``, else the local default."""
+    return os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
+
+
+class TaskProducer:
+    """Enqueues tasks and waits for their results; also a context manager.
+
+    ``client`` may be given instead of ``redis_url`` (an embedded fakeredis, say).
+    Safe to share between threads once connected.
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        queue_name: str | None = None,
+        settings: QueueSettings | None = None,
+        *,
+        client: redis.Redis | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.settings = settings or QueueSettings()
+        self.redis_url = redis_url or default_redis_url()
+        self.keys = KeySpace(
+            queue_name or self.settings.default_queue_name, self.settings.result_channel_prefix
+        )
+        self._codec = Codec(self.settings.max_payload_bytes)
+        self._metrics = Metrics(self.keys.queue, registry)
+        self._given_client = client
+        self._client: redis.Redis | None = None
+        self._scripts: Scripts | None = None
+        self._sessions: OrderedDict[str, str] = OrderedDict()
+        self._retry = Reconnector(
+            self.redis_url, self.keys.queue, self.settings, on_retry=self._metrics.reconnects.inc
+        )
+
+    # --- connection -----------------------------------------------------------
+
+    def connect(self) -> None:
+        """Open the connection and check that Redis answers (QueueConnectionError if not)."""
+        if self._client is not None:
+            return
+        client = self._given_client or make_client(self.redis_url, self.settings)
+        self._retry.call("connect", client.ping)
+        self._client = client
+        self._scripts = Scripts(client, self.keys)
+
+    def disconnect(self) -> None:
+        """Close the connection (a given client is left to its owner)."""
+        if self._client is not None and self._given_client is None:
+            self._client.close()
+        self._client = None
+        self._scripts = None
+
+    def __enter__(self) -> TaskProducer:
+        self.connect()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.disconnect()
+
+    def _connected(self) -> tuple[redis.Redis, Scripts]:
+        if self._client is None or self._scripts is None:
+            raise QueueError("producer is not connected: call connect() or use it in a with block")
+        return self._client, self._scripts
+
+    # --- enqueue --------------------------------------------------------------
+
+    def enqueue(self, payload: TaskPayload) -> str:
+        """Put ``payload`` on the queue; its task id.
+
+        Raises InvalidTaskError (nothing written) for a bad payload and QueueFullError
+        (nothing written) when the pending list is at MAX_QUEUE_LENGTH.
+        """
+        return self.enqueue_many([payload])[0]
+
+    def enqueue_many(self, payloads: Iterable[TaskPayload]) -> list[str]:
+        """Put all ``payloads`` on the queue in one round trip, or none of them."""
+        batch = list(payloads)
+        if not batch:
+            return []
+        now = time.time()
+        encoded = [self._encode(payload, now, index) for index, payload in enumerate(batch)]
+        _, scripts = self._connected()
+        limit = self.settings.max_queue_length
+        length = self._retry.call("enqueue", lambda: scripts.enqueue(encoded, limit))
+        if length < 0:
+            self._metrics.rejected.inc(len(batch))
+            log.error(
+                "queue %s full (limit %d): refused %d task(s), first %s",
+                self.keys.queue,
+                limit,
+                len(batch),
+                batch[0].task_id,
+                extra={"queue": self.keys.queue, "task_id": batch[0].task_id},
+            )
+            raise QueueFullError(
+                f"queue {self.keys.queue} is full (MAX_QUEUE_LENGTH={limit}):"
+                f" {len(batch)} task(s) refused, nothing written"
+            )
+        self._metrics.enqueued.inc(len(batch))
+        self._metrics.queue_length.set(length)
+        if length >= self.settings.queue_length_warning_threshold:
+            log.warning(
+                "queue %s has %d pending tasks (warning from %d); last task %s",
+                self.keys.queue,
+                length,
+                self.settings.queue_length_warning_threshold,
+                batch[-1].task_id,
+                extra={"queue": self.keys.queue, "task_id": batch[-1].task_id},
+            )
+        for payload in batch:
+            self._remember(payload)
+        return [payload.task_id for payload in batch]
+
+    def _encode(self, payload: TaskPayload, now: float, index: int) -> bytes:
+        if not isinstance(payload, TaskPayload):
+            raise InvalidTaskError(
+                f"payload #{index}: expected a TaskPayload, got {type(payload).__name__}"
+            )
+        self.keys.result(payload.task_id)  # refuses a task id unfit for a key name
+        return self._codec.encode_message(TaskMessage.from_payload(payload, now))
+
+    def _remember(self, payload: TaskPayload) -> None:
+        self._sessions[payload.task_id] = payload.session_id
+        while len(self._sessions) > MAX_TRACKED_SESSIONS:
+            self._sessions.popitem(last=False)
+
+    # --- results --------------------------------------------------------------
+
+    def wait_for_result(self, task_id: str, timeout: float | None = None) -> TaskResult | None:
+        """The result of ``task_id``, or None if none arrives within ``timeout`` seconds.
+
+        Listens before it looks, so a result published at any moment, before or during
+        the call, is found (results are stored for RESULT_TTL as well as published).
+        """
+        client, _ = self._connected()
+        wait = self.settings.result_wait_timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        result_key = self.keys.result(task_id)
+        session = self._sessions.get(task_id)
+        failures = 0
+        while True:
+            try:
+                return self._listen(client, task_id, result_key, session, deadline)
+            except TRANSIENT as exc:
+                # Re-subscribe and look again: a result published meanwhile is stored.
+                failures += 1
+                self._retry.wait_after(exc, "wait_for_result", failures)
+
+    def _listen(
+        self,
+        client: redis.Redis,
+        task_id: str,
+        result_key: str,
+        session: str | None,
+        deadline: float,
+    ) -> TaskResult | None:
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            if session is not None:
+                pubsub.subscribe(self.keys.result_channel(session))
+            else:
+                pubsub.psubscribe(self.keys.result_channel_pattern)
+            stored = client.get(result_key)
+            if stored is not None:
+                return self._codec.decode_result(stored)
+            while (left := deadline - time.monotonic()) > 0:
+                message = pubsub.get_message(
+                    timeout=min(left, self.settings.pubsub_message_timeout)
+                )
+                if message is None:
+                    continue
+                result = self._codec.decode_result(message["data"])
+                if result.task_id == task_id:
+                    self._sessions.pop(task_id, None)
+                    return result
+            return None
+        finally:
+            pubsub.close()
+
+    # --- inspection -----------------------------------------------------------
+
+    def get_queue_length(self) -> int:
+        """Tasks pending now."""
+        client, _ = self._connected()
+        length = int(self._retry.call("get_queue_length", lambda: client.llen(self.keys.pending)))
+        self._metrics.queue_length.set(length)
+        return length
+
+    def clear_queue(self) -> int:
+        """Delete every pending task; how many there were. In-flight and retries stay."""
+        _, scripts = self._connected()
+        removed = self._retry.call("clear_queue", lambda: scripts.purge(self.keys.pending))
+        log.warning(
+            "queue %s cleared: %d pending task(s) deleted",
+            self.keys.queue,
+            removed,
+            extra={"queue": self.keys.queue},
+        )
+        self._metrics.queue_length.set(0)
+        return removed
+
+    def __repr__(self) -> str:
+        return f"TaskProducer(queue={self.keys.queue!r}, redis_url={self._retry.url!r})"
