@@ -74,8 +74,7 @@ class Codec:
         """The TaskMessage stored in ``raw`` (without any redelivery header)."""
         if len(raw) > self._max_payload_bytes:
             raise InvalidTaskError(
-                f"payload of {len(raw)} bytes exceeds MAX_PAYLOAD_BYTES"
-                f" ({self._max_payload_bytes})"
+                f"payload of {len(raw)} bytes exceeds MAX_PAYLOAD_BYTES ({self._max_payload_bytes})"
             )
         return self._structure(_loads(raw), TaskMessage)
 

@@ -10,7 +10,7 @@ import logging
 import random
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -20,6 +20,12 @@ from semibot_queue.errors import QueueConnectionError
 from semibot_queue.settings import QueueSettings
 
 T = TypeVar("T")
+
+if TYPE_CHECKING:
+    Client = redis.Redis[bytes]
+else:
+    Client = redis.Redis
+
 log = logging.getLogger("semibot_queue.connection")
 
 #: The errors after which a call is worth repeating once Redis is back.
@@ -37,17 +43,18 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
 
 
-def make_client(url: str, settings: QueueSettings) -> redis.Redis:
+def make_client(url: str, settings: QueueSettings) -> Client:
     """A client for ``url`` (``redis://``, ``rediss://``, ``unix://``; ACL users in it).
 
     Its socket timeout stays above every blocking call the queue makes.
     """
-    return redis.Redis.from_url(
+    client: Client = redis.Redis.from_url(
         url,
         socket_timeout=settings.socket_timeout,
         socket_connect_timeout=settings.socket_timeout,
         health_check_interval=0,
     )
+    return client
 
 
 class Reconnector:

@@ -14,7 +14,7 @@ DEFAULT_QUEUE_NAME = "agent:tasks"
 #: Prefix of result channels; a result is published on ``<prefix>:<session_id>``.
 RESULT_CHANNEL_PREFIX = "agent:results"
 
-#: Suffix of a queue's dead-letter store: queue ``agent:tasks`` keeps them at ``{agent:tasks}:dead``.
+#: Suffix of a queue's dead-letter store (queue ``agent:tasks``: ``{agent:tasks}:dead``).
 DEAD_LETTER_QUEUE = "dead"
 
 # --- consumer --------------------------------------------------------------

@@ -20,13 +20,14 @@ import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
+from typing import cast
 
 import redis
 from prometheus_client import CollectorRegistry
 
 from semibot_queue.backoff import Random
 from semibot_queue.codec import Codec, task_id_of
-from semibot_queue.connection import TRANSIENT, Reconnector, make_client
+from semibot_queue.connection import TRANSIENT, Client, Reconnector, make_client
 from semibot_queue.errors import QueueError
 from semibot_queue.keys import KeySpace
 from semibot_queue.metrics import Metrics
@@ -62,7 +63,7 @@ class TaskConsumer:
         max_concurrent: int | None = None,
         settings: QueueSettings | None = None,
         *,
-        client: redis.Redis | None = None,
+        client: Client | None = None,
         registry: CollectorRegistry | None = None,
         worker_id: str | None = None,
         handle_signals: bool = True,
@@ -83,7 +84,7 @@ class TaskConsumer:
         self.handler = handler
         self.metrics = Metrics(self.keys.queue, registry)
         self._given_client = client
-        self._client: redis.Redis | None = None
+        self._client: Client | None = None
         self._handle_signals = handle_signals
         self._rand = rand
         self._codec = Codec(self.settings.max_payload_bytes)
@@ -138,7 +139,7 @@ class TaskConsumer:
         self._client = None
         self._runner = None
 
-    def _warn_if_evicting(self, client: redis.Redis) -> None:
+    def _warn_if_evicting(self, client: Client) -> None:
         try:
             policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
         except redis.ResponseError:
@@ -156,7 +157,8 @@ class TaskConsumer:
     def start(self) -> None:
         """Run until stopped. Raises QueueConnectionError if Redis stays unreachable."""
         self.connect()
-        assert self._client is not None and self._runner is not None  # noqa: S101 - set by connect
+        if self._client is None or self._runner is None:  # pragma: no cover - set by connect
+            raise QueueError("consumer failed to connect")
         self._hurry.clear()
         self._give_up.clear()
         self._finished.clear()
@@ -212,7 +214,7 @@ class TaskConsumer:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
 
-    def _on_signal(self, signum: int, _: FrameType | None) -> None:
+    def _on_signal(self, _signum: int, _frame: FrameType | None) -> None:
         # Only set events: the loop and the shutdown wait act on them.
         if self._stopping.is_set():
             self._hurry.set()
@@ -220,7 +222,7 @@ class TaskConsumer:
 
     # --- the fetch loop -------------------------------------------------------------
 
-    def _loop(self, client: redis.Redis, runner: TaskRunner, executor: ThreadPoolExecutor) -> None:
+    def _loop(self, client: Client, runner: TaskRunner, executor: ThreadPoolExecutor) -> None:
         failures = 0
         while not self._stopping.is_set():
             free = self._wait_for_slot()
@@ -238,16 +240,16 @@ class TaskConsumer:
             for stored in batch:
                 self._dispatch(executor, runner, stored)
 
-    def _take(self, client: redis.Redis, scripts: Scripts, free: int) -> list[bytes]:
+    def _take(self, client: Client, scripts: Scripts, free: int) -> list[bytes]:
         batch = scripts.fetch(self.inflight, free)
         if batch:
             return batch
         one = client.blmove(
             self.keys.pending, self.inflight, self.settings.blocking_timeout, "RIGHT", "LEFT"
         )
-        return [] if one is None else [one]
+        return [] if one is None else [cast("bytes", one)]
 
-    def _orphans(self, client: redis.Redis) -> list[bytes]:
+    def _orphans(self, client: Client) -> list[bytes]:
         """Tasks in our in-flight list that we do not run: moved before a reply was lost."""
         present = Counter(client.lrange(self.inflight, 0, -1))
         with self._slots:

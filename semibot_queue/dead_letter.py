@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import base64
 import logging
+from functools import partial
 
 import attrs
-import redis
 
 from semibot_queue.codec import Codec, split_redelivery
-from semibot_queue.connection import Reconnector, make_client
+from semibot_queue.connection import Client, Reconnector, make_client
 from semibot_queue.errors import InvalidTaskError, QueueError, QueueFullError
 from semibot_queue.keys import KeySpace
-from semibot_queue.models import DeadLetterRecord
+from semibot_queue.models import DeadLetterRecord, RawEncoding
 from semibot_queue.producer import default_redis_url
 from semibot_queue.scripts import Scripts
 from semibot_queue.settings import QueueSettings
@@ -20,7 +20,7 @@ from semibot_queue.settings import QueueSettings
 log = logging.getLogger("semibot_queue.dead_letter")
 
 
-def raw_fields(raw: bytes) -> tuple[str, str]:
+def raw_fields(raw: bytes) -> tuple[str, RawEncoding]:
     """``(text, encoding)`` keeping ``raw`` exactly: UTF-8 text, else base64."""
     try:
         return raw.decode("utf-8"), "utf-8"
@@ -51,7 +51,7 @@ class DeadLetterQueue:
         queue_name: str | None = None,
         settings: QueueSettings | None = None,
         *,
-        client: redis.Redis | None = None,
+        client: Client | None = None,
     ) -> None:
         self.settings = settings or QueueSettings()
         self.redis_url = redis_url or default_redis_url()
@@ -103,7 +103,7 @@ class DeadLetterQueue:
             task = self._replay(self._decode(seen))
             limit = self.settings.max_queue_length
             moved = self._retry.call(
-                "dlq retry", lambda s=seen, t=task: self._scripts.dlq_retry(task_id, s, t, limit)
+                "dlq retry", partial(self._scripts.dlq_retry, task_id, seen, task, limit)
             )
             if moved < 0:
                 raise QueueFullError(
@@ -164,6 +164,9 @@ class DeadLetterQueue:
             return raw_bytes(record)
         message = self._codec.message_from_dict(record.message)
         fresh = attrs.evolve(
-            message, retry_count=0, delivery_count=0, last_error=f"{record.error_type}: {record.error}"
+            message,
+            retry_count=0,
+            delivery_count=0,
+            last_error=f"{record.error_type}: {record.error}",
         )
         return self._codec.encode_message(fresh)

@@ -22,11 +22,7 @@ def validate_name(value: str, what: str) -> str:
     Braces, spaces and wildcards are refused so that no name can change another
     key's hash tag or match other keys in a pattern.
     """
-    if (
-        not isinstance(value, str)
-        or len(value) > MAX_NAME_LENGTH
-        or not _NAME.fullmatch(value)
-    ):
+    if not isinstance(value, str) or len(value) > MAX_NAME_LENGTH or not _NAME.fullmatch(value):
         raise InvalidTaskError(
             f"{what} {value!r} is not allowed: use 1 to {MAX_NAME_LENGTH}"
             " of the characters A-Z a-z 0-9 _ . : -"
@@ -34,11 +30,15 @@ def validate_name(value: str, what: str) -> str:
     return value
 
 
+def _queue_name(value: str) -> str:
+    return validate_name(value, "queue name")
+
+
 @attrs.frozen
 class KeySpace:
     """Key names of one queue."""
 
-    queue: str = attrs.field(converter=lambda q: validate_name(q, "queue name"))
+    queue: str = attrs.field(converter=_queue_name)
     result_prefix: str = RESULT_CHANNEL_PREFIX
 
     @property

@@ -9,11 +9,10 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from types import TracebackType
 
-import redis
 from prometheus_client import CollectorRegistry
 
 from semibot_queue.codec import Codec
-from semibot_queue.connection import TRANSIENT, Reconnector, make_client
+from semibot_queue.connection import TRANSIENT, Client, Reconnector, make_client
 from semibot_queue.constants import DEFAULT_REDIS_URL, MAX_TRACKED_SESSIONS
 from semibot_queue.errors import InvalidTaskError, QueueError, QueueFullError
 from semibot_queue.keys import KeySpace
@@ -43,7 +42,7 @@ class TaskProducer:
         queue_name: str | None = None,
         settings: QueueSettings | None = None,
         *,
-        client: redis.Redis | None = None,
+        client: Client | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings or QueueSettings()
@@ -54,7 +53,7 @@ class TaskProducer:
         self._codec = Codec(self.settings.max_payload_bytes)
         self._metrics = Metrics(self.keys.queue, registry)
         self._given_client = client
-        self._client: redis.Redis | None = None
+        self._client: Client | None = None
         self._scripts: Scripts | None = None
         self._sessions: OrderedDict[str, str] = OrderedDict()
         self._retry = Reconnector(
@@ -91,7 +90,7 @@ class TaskProducer:
     ) -> None:
         self.disconnect()
 
-    def _connected(self) -> tuple[redis.Redis, Scripts]:
+    def _connected(self) -> tuple[Client, Scripts]:
         if self._client is None or self._scripts is None:
             raise QueueError("producer is not connected: call connect() or use it in a with block")
         return self._client, self._scripts
@@ -182,7 +181,7 @@ class TaskProducer:
 
     def _listen(
         self,
-        client: redis.Redis,
+        client: Client,
         task_id: str,
         result_key: str,
         session: str | None,

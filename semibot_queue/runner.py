@@ -174,7 +174,9 @@ class TaskRunner:
         )
         channel = self.keys.result_channel(message.session_id)
         self._dead_letter(
-            delivery.stored, record, (self.codec.encode_result(result), channel, self.settings.result_ttl)
+            delivery.stored,
+            record,
+            (self.codec.encode_result(result), channel, self.settings.result_ttl),
         )
 
     def _schedule_retry(self, delivery: Delivery, exc: Exception) -> None:
@@ -227,7 +229,9 @@ class TaskRunner:
         moved = self._record(
             record.task_id,
             "dead letter",
-            lambda: self.scripts.dead_letter(self.inflight, stored, record.task_id, encoded, result),
+            lambda: self.scripts.dead_letter(
+                self.inflight, stored, record.task_id, encoded, result
+            ),
         )
         if not moved:
             return
@@ -253,8 +257,7 @@ class TaskRunner:
         for task_id in evicted or []:
             self.metrics.evictions.inc()
             log.warning(
-                "queue %s: dead letter %s evicted (DEAD_LETTER_MAX_LENGTH=%d,"
-                " DEAD_LETTER_TTL=%ds)",
+                "queue %s: dead letter %s evicted (DEAD_LETTER_MAX_LENGTH=%d, DEAD_LETTER_TTL=%ds)",
                 self.keys.queue,
                 task_id,
                 s.dead_letter_max_length,

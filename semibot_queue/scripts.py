@@ -9,19 +9,20 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
-import redis
-
+from semibot_queue.connection import Client
 from semibot_queue.keys import KeySpace
 
 
 def _load(name: str) -> str:
-    return resources.files("semibot_queue").joinpath("lua", f"{name}.lua").read_text("utf-8")
+    return (
+        resources.files("semibot_queue").joinpath("lua").joinpath(f"{name}.lua").read_text("utf-8")
+    )
 
 
 class Scripts:
     """All scripts of one queue, bound to one client and key space."""
 
-    def __init__(self, client: redis.Redis, keys: KeySpace) -> None:
+    def __init__(self, client: Client, keys: KeySpace) -> None:
         self._keys = keys
         self._client = client
         register = client.register_script

@@ -13,10 +13,9 @@ import time
 from collections.abc import Callable
 
 import attrs
-import redis
 
 from semibot_queue.codec import Codec
-from semibot_queue.connection import TRANSIENT
+from semibot_queue.connection import TRANSIENT, Client
 from semibot_queue.constants import WATCHER_TICK
 from semibot_queue.keys import KeySpace
 from semibot_queue.metrics import Metrics
@@ -32,7 +31,7 @@ class Watcher:
     """Owns one named thread; ``start()`` starts it, ``stop()`` stops and joins it."""
 
     worker_id: str
-    client: redis.Redis
+    client: Client
     keys: KeySpace
     settings: QueueSettings
     scripts: Scripts

@@ -1,0 +1,309 @@
+"""The ``semibot-queue`` command line (also ``python -m semibot_queue``).
+
+Errors print one line on stderr and exit with a code of :class:`Exit`; ``--debug``
+adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import importlib
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+from semibot_queue import logs, stats
+from semibot_queue.codec import Codec
+from semibot_queue.connection import make_client
+from semibot_queue.constants import DEFAULT_REDIS_URL, METRICS_HOST
+from semibot_queue.dead_letter import DeadLetterQueue
+from semibot_queue.errors import InvalidTaskError, QueueConnectionError, QueueError, QueueFullError
+from semibot_queue.keys import KeySpace
+from semibot_queue.producer import TaskProducer
+from semibot_queue.settings import QueueSettings
+from semibot_queue.tables import print_dead_letters, print_record, print_stats
+
+
+class Exit(enum.IntEnum):
+    """Exit statuses of the command line (documented in the README)."""
+
+    OK = 0
+    ERROR = 1
+    USAGE = 2
+    UNREACHABLE = 3
+    NOT_FOUND = 4
+    INVALID = 5
+    FULL = 6
+    TIMEOUT = 7
+    DECLINED = 8
+
+
+class CommandError(QueueError):
+    """A command failed in a way the user can act on; carries its exit status."""
+
+    def __init__(self, message: str, status: Exit) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="semibot-queue", description=__doc__.splitlines()[0])
+    parser.add_argument("--redis-url", help=f"default: $REDIS_URL, then {DEFAULT_REDIS_URL}")
+    parser.add_argument("--queue", help="queue name (default: agent:tasks)")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    worker = commands.add_parser("worker", help="run tasks with MODULE:FUNCTION")
+    worker.add_argument("handler", metavar="MODULE:FUNCTION")
+    worker.add_argument("--concurrency", type=int, help="handlers run at once")
+    worker.add_argument("--metrics-port", type=int, help="serve /metrics on this port")
+    worker.add_argument("--metrics-host", default=METRICS_HOST)
+    worker.add_argument("--log-level", default="INFO")
+    worker.add_argument("--log-format", choices=("text", "json"), default="text")
+
+    enqueue = commands.add_parser("enqueue", help="enqueue one task and print its id")
+    source = enqueue.add_mutually_exclusive_group(required=True)
+    source.add_argument("--json", metavar="FILE", help="payload as JSON, '-' for stdin")
+    source.add_argument("--session-id")
+    enqueue.add_argument("--agent-id")
+    enqueue.add_argument("--org-id")
+    enqueue.add_argument("--message", action="append", default=[], metavar="ROLE:TEXT")
+    enqueue.add_argument(
+        "--wait", nargs="?", type=float, const=-1.0, metavar="SECONDS", help="wait for the result"
+    )
+
+    stat = commands.add_parser("stats", help="pending, scheduled, in flight, dead letters")
+    stat.add_argument("--json", action="store_true")
+    stat.add_argument("--watch", type=float, metavar="SECONDS", help="repeat every SECONDS")
+
+    dlq = commands.add_parser("dlq", help="inspect and replay dead letters")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    listing = dlq_commands.add_parser("list")
+    listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--offset", type=int, default=0)
+    listing.add_argument("--json", action="store_true")
+    for name in ("show", "retry", "delete"):
+        one = dlq_commands.add_parser(name)
+        one.add_argument("task_id")
+        if name == "delete":
+            one.add_argument("--yes", action="store_true", help="do not ask")
+    dlq_commands.add_parser("retry-all")
+    dlq_commands.add_parser("purge").add_argument("--yes", action="store_true", help="do not ask")
+
+    demo = commands.add_parser("demo", help="producer and worker end to end in one process")
+    demo.add_argument("--tasks", type=int, default=36)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Run the command line with ``argv``; the exit status."""
+    args = _parser().parse_args(argv)
+    stdout = out or sys.stdout
+    try:
+        return int(COMMANDS[args.command](args, stdout))
+    except CommandError as exc:
+        return _fail(args, exc, exc.status)
+    except QueueConnectionError as exc:
+        return _fail(args, exc, Exit.UNREACHABLE)
+    except QueueFullError as exc:
+        return _fail(args, exc, Exit.FULL)
+    except InvalidTaskError as exc:
+        return _fail(args, exc, Exit.INVALID)
+    except QueueError as exc:
+        return _fail(args, exc, Exit.ERROR)
+
+
+def _fail(args: argparse.Namespace, exc: Exception, status: Exit) -> int:
+    if args.debug:
+        traceback.print_exception(exc)
+    print(f"semibot-queue: error: {exc}", file=sys.stderr)
+    return int(status)
+
+
+def _settings() -> QueueSettings:
+    return QueueSettings.from_env()
+
+
+def _url(args: argparse.Namespace) -> str:
+    return str(args.redis_url or os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL)
+
+
+# --- worker ---------------------------------------------------------------------
+
+
+def load_handler(spec: str) -> Callable[..., Any]:
+    """The callable named by ``MODULE:FUNCTION``; CommandError(INVALID) if there is none."""
+    module_name, _, function = spec.partition(":")
+    if not module_name or not function:
+        raise CommandError(f"handler {spec!r} is not of the form MODULE:FUNCTION", Exit.INVALID)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m`: handlers live beside the caller
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CommandError(f"cannot import {module_name!r}: {exc}", Exit.INVALID) from exc
+    handler = getattr(module, function, None)
+    if not callable(handler):
+        raise CommandError(f"{module_name!r} has no callable {function!r}", Exit.INVALID)
+    return handler  # type: ignore[no-any-return]
+
+
+def _worker(args: argparse.Namespace, _out: TextIO) -> int:
+    from semibot_queue.worker import run_worker  # noqa: PLC0415 - only the worker needs it
+
+    logs.configure(args.log_level, args.log_format)
+    return run_worker(
+        handler=load_handler(args.handler),
+        redis_url=_url(args),
+        queue=args.queue,
+        settings=_settings(),
+        concurrency=args.concurrency,
+        metrics=(args.metrics_host, args.metrics_port) if args.metrics_port else None,
+    )
+
+
+# --- enqueue ------------------------------------------------------------------------
+
+
+def _payload(args: argparse.Namespace, codec: Codec) -> Any:
+    if args.json is not None:
+        try:
+            text = sys.stdin.read() if args.json == "-" else open(args.json).read()  # noqa: SIM115
+        except OSError as exc:
+            raise CommandError(f"cannot read {args.json}: {exc}", Exit.INVALID) from exc
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise CommandError(f"{args.json} is not valid JSON: {exc}", Exit.INVALID) from exc
+        return codec.payload_from_dict(data)
+    messages = []
+    for item in args.message:
+        role, sep, content = item.partition(":")
+        if not sep:
+            raise CommandError(f"--message {item!r} is not ROLE:TEXT", Exit.INVALID)
+        messages.append({"role": role, "content": content})
+    data = {
+        "session_id": args.session_id,
+        "agent_id": args.agent_id,
+        "org_id": args.org_id,
+        "messages": messages,
+    }
+    missing = [f"--{k.replace('_', '-')}" for k, v in data.items() if v is None]
+    if missing:
+        raise CommandError(f"enqueue needs {', '.join(missing)}", Exit.USAGE)
+    return codec.payload_from_dict(data)
+
+
+def _enqueue(args: argparse.Namespace, out: TextIO) -> int:
+    settings = _settings()
+    payload = _payload(args, Codec(settings.max_payload_bytes))
+    with TaskProducer(_url(args), args.queue, settings) as producer:
+        task_id = producer.enqueue(payload)
+        print(task_id, file=out)
+        if args.wait is None:
+            return Exit.OK
+        timeout = None if args.wait < 0 else args.wait
+        result = producer.wait_for_result(task_id, timeout=timeout)
+    if result is None:
+        raise CommandError(f"no result for task {task_id} in time", Exit.TIMEOUT)
+    print(json.dumps(Codec(settings.max_payload_bytes).unstructure(result)), file=out)
+    return Exit.OK if result.status == "succeeded" else Exit.ERROR
+
+
+# --- stats and dead letters -----------------------------------------------------------
+
+
+def _stats(args: argparse.Namespace, out: TextIO) -> int:
+    settings = _settings()
+    url = _url(args)
+    keys = KeySpace(args.queue or settings.default_queue_name, settings.result_channel_prefix)
+    client = make_client(url, settings)
+    try:
+        while True:
+            try:
+                snapshot = stats.collect(client, keys, settings)
+            except Exception as exc:  # any failure to read means Redis is unreachable here
+                raise QueueConnectionError(f"cannot read stats from {url}: {exc}") from exc
+            if args.json:
+                print(json.dumps(snapshot, sort_keys=True), file=out)
+            else:
+                print_stats(snapshot, out)
+            if not args.watch:
+                return Exit.OK
+            out.flush()
+            time.sleep(args.watch)
+    finally:
+        client.close()
+
+
+def _confirm(args: argparse.Namespace, question: str) -> None:
+    if getattr(args, "yes", False) or not sys.stdin.isatty():
+        return
+    if input(f"{question} [y/N] ").strip().lower() not in ("y", "yes"):
+        raise CommandError("cancelled", Exit.DECLINED)
+
+
+def _dlq(args: argparse.Namespace, out: TextIO) -> int:
+    settings = _settings()
+    dlq = DeadLetterQueue(_url(args), args.queue, settings)
+    codec = Codec(settings.max_payload_bytes)
+    try:
+        command = args.dlq_command
+        if command == "list":
+            records = dlq.list(offset=args.offset, limit=args.limit)
+            if args.json:
+                print(json.dumps([codec.unstructure(r) for r in records]), file=out)
+            else:
+                print_dead_letters(records, dlq.count(), out)
+        elif command == "retry-all":
+            print(f"{dlq.retry_all()} dead letter(s) put back on pending", file=out)
+        elif command == "purge":
+            _confirm(args, f"delete every dead letter of {dlq.keys.queue}?")
+            print(f"{dlq.purge()} dead letter(s) deleted", file=out)
+        else:
+            return _dlq_one(args, dlq, codec, out)
+    finally:
+        dlq.close()
+    return Exit.OK
+
+
+def _dlq_one(args: argparse.Namespace, dlq: DeadLetterQueue, codec: Codec, out: TextIO) -> int:
+    task_id = args.task_id
+    command = args.dlq_command
+    if command == "show":
+        record = dlq.get(task_id)
+        if record is not None:
+            print_record(codec.unstructure(record), out)
+            return Exit.OK
+    elif command == "retry":
+        if dlq.retry(task_id):
+            print(f"{task_id} put back on pending", file=out)
+            return Exit.OK
+    else:
+        _confirm(args, f"delete dead letter {task_id}?")
+        if dlq.delete(task_id):
+            print(f"{task_id} deleted", file=out)
+            return Exit.OK
+    raise CommandError(f"no dead letter with task id {task_id!r}", Exit.NOT_FOUND)
+
+
+def _demo(args: argparse.Namespace, out: TextIO) -> int:
+    from semibot_queue import demo  # noqa: PLC0415 - fakeredis is only needed here
+
+    logs.configure("WARNING")
+    queue = args.queue or _settings().default_queue_name
+    return demo.run(args.redis_url, args.tasks, queue, out)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
+    "worker": _worker,
+    "enqueue": _enqueue,
+    "stats": _stats,
+    "dlq": _dlq,
+    "demo": _demo,
+}
