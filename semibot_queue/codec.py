@@ -78,6 +78,22 @@ class Codec:
             )
         return self._structure(_loads(raw), TaskMessage)
 
+    def decode_delivery(self, stored: bytes) -> TaskMessage:
+        """The TaskMessage a worker just took, its ``delivery_count`` counting this take
+        and every delivery lost to a dead worker (the ``~N~`` header)."""
+        lost, body = split_redelivery(stored)
+        if len(body) > self._max_payload_bytes:
+            raise InvalidTaskError(
+                f"payload of {len(body)} bytes exceeds MAX_PAYLOAD_BYTES"
+                f" ({self._max_payload_bytes})"
+            )
+        data = _loads(body)
+        if isinstance(data, dict):
+            previous = data.get("delivery_count", 0)
+            if isinstance(previous, int) and not isinstance(previous, bool):
+                data["delivery_count"] = previous + lost + 1
+        return self._structure(data, TaskMessage)
+
     def message_from_dict(self, data: Any) -> TaskMessage:
         """A TaskMessage from JSON-like data (a dead letter's kept task)."""
         return self._structure(data, TaskMessage)

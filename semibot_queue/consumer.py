@@ -91,6 +91,8 @@ class TaskConsumer:
         self._stopping = threading.Event()
         self._hurry = threading.Event()
         self._give_up = threading.Event()
+        #: Set when tasks may sit in our in-flight list that no thread runs (a lost reply).
+        self._resync = threading.Event()
         self._finished = threading.Event()
         self._finished.set()
         self._grace = self.settings.shutdown_timeout
@@ -129,6 +131,7 @@ class TaskConsumer:
             reconnect=self._reconnect,
             give_up=self._give_up,
             rand=self._rand,
+            lost_reply=self._resync.set,
         )
         self._warn_if_evicting(client)
 
@@ -229,11 +232,13 @@ class TaskConsumer:
             if free == 0:
                 continue
             try:
-                batch = self._take(client, runner.scripts, free)
-                if failures:
-                    batch += self._orphans(client)
+                if self._resync.is_set():
+                    batch = self._orphans(client, free)
+                else:
+                    batch = self._take(client, runner.scripts, free)
             except TRANSIENT as exc:
                 failures += 1
+                self._resync.set()  # a move whose reply was lost leaves an orphan
                 self._reconnect.wait_after(exc, "fetch", failures)
                 continue
             failures = 0
@@ -249,12 +254,15 @@ class TaskConsumer:
         )
         return [] if one is None else [cast("bytes", one)]
 
-    def _orphans(self, client: Client) -> list[bytes]:
-        """Tasks in our in-flight list that we do not run: moved before a reply was lost."""
+    def _orphans(self, client: Client, free: int) -> list[bytes]:
+        """Up to ``free`` tasks of our in-flight list that no thread runs: taken by a call
+        whose reply was lost. Clears the resync flag once none are left over."""
         present = Counter(client.lrange(self.inflight, 0, -1))
         with self._slots:
-            missing = present - self._running
-        return list(missing.elements())
+            missing = list((present - self._running).elements())
+        if len(missing) <= free:
+            self._resync.clear()
+        return missing[:free]
 
     def _wait_for_slot(self) -> int:
         with self._slots:
@@ -284,18 +292,25 @@ class TaskConsumer:
         executor.submit(self._run, runner, stored)
 
     def _run(self, runner: TaskRunner, stored: bytes) -> None:
-        try:
-            self._process_task(runner, stored)
-        finally:
-            with self._slots:
-                self._running[stored] -= 1
-                if self._running[stored] <= 0:
-                    del self._running[stored]
-                self._slots.notify_all()
+        # A thread whose task succeeds keeps its slot for the task its ack took.
+        current: bytes | None = stored
+        while current is not None:
+            following = None
+            try:
+                following = self._process_task(runner, current)
+            finally:
+                with self._slots:
+                    self._running[current] -= 1
+                    if self._running[current] <= 0:
+                        del self._running[current]
+                    if following is not None:
+                        self._running[following] += 1
+                    self._slots.notify_all()
+            current = following
 
-    def _process_task(self, runner: TaskRunner, stored: bytes) -> None:
-        """Run one task as taken from Redis and record its outcome."""
-        runner.run(stored)
+    def _process_task(self, runner: TaskRunner, stored: bytes) -> bytes | None:
+        """Run one task as taken from Redis and record its outcome; the next task taken."""
+        return runner.run(stored, 0 if self._stopping.is_set() else 1)
 
     def _publish_result(self, delivery: Delivery, result: TaskResult) -> None:
         """Ack ``delivery`` with ``result``: stored, published, out of the in-flight list."""

@@ -13,7 +13,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -31,6 +31,7 @@ from semibot_queue.settings import QueueSettings
 log = logging.getLogger("semibot_queue.consumer")
 
 Handler = Callable[[TaskMessage], Any]
+T = TypeVar("T")
 
 
 @attrs.frozen
@@ -60,6 +61,8 @@ class TaskRunner:
     #: Set when the worker stops waiting for Redis to record outcomes.
     give_up: threading.Event
     rand: Random
+    #: Called when an ack that took tasks lost its reply: those tasks must be found again.
+    lost_reply: Callable[[], None]
 
     @property
     def inflight(self) -> str:
@@ -71,18 +74,20 @@ class TaskRunner:
 
     # --- running ----------------------------------------------------------------
 
-    def run(self, stored: bytes) -> None:
-        """Decode, run and record one task; never raises."""
-        lost, body = split_redelivery(stored)
-        try:
-            message = self.codec.decode_message(body)
-        except InvalidTaskError as exc:
-            self._dead_letter_invalid(stored, body, exc)
-            return
-        message = attrs.evolve(message, delivery_count=message.delivery_count + lost + 1)
-        self._process(Delivery(stored, message))
+    def run(self, stored: bytes, take: int = 0) -> bytes | None:
+        """Decode, run and record one task; never raises.
 
-    def _process(self, delivery: Delivery) -> None:
+        A success takes up to ``take`` (0 or 1) next task in the same round trip as its
+        ack and returns it, already in this worker's in-flight list, to be run next.
+        """
+        try:
+            message = self.codec.decode_delivery(stored)
+        except InvalidTaskError as exc:
+            self._dead_letter_invalid(stored, exc)
+            return None
+        return self._process(Delivery(stored, message), take)
+
+    def _process(self, delivery: Delivery, take: int) -> bytes | None:
         message = delivery.message
         self.metrics.concurrent.inc()
         started = time.perf_counter()
@@ -93,11 +98,12 @@ class TaskRunner:
         except Exception as exc:  # noqa: BLE001 - any handler error is an outcome to record
             self._failed(delivery, exc, started, permanent=False)
         else:
-            self._succeeded(delivery, value, started)
+            return self._succeeded(delivery, value, started, take)
         finally:
             self.metrics.concurrent.dec()
+        return None
 
-    def _succeeded(self, delivery: Delivery, value: Any, started: float) -> None:
+    def _succeeded(self, delivery: Delivery, value: Any, started: float, take: int) -> bytes | None:
         message = delivery.message
         duration = time.perf_counter() - started
         self.metrics.duration.observe(duration)
@@ -114,20 +120,30 @@ class TaskRunner:
             encoded = self.codec.encode_result(result)
         except InvalidTaskError as exc:
             self._failed(delivery, PermanentTaskError(str(exc)), started, permanent=True)
-            return
+            return None
         self.metrics.processed["succeeded"].inc()
-        self.publish(delivery, encoded)
+        taken = self.publish(delivery, encoded, take)
+        return taken[0] if taken else None
 
-    def publish(self, delivery: Delivery, encoded_result: bytes) -> None:
-        """Ack ``delivery``: out of the in-flight list, result stored and published."""
+    def publish(self, delivery: Delivery, encoded_result: bytes, take: int = 0) -> list[bytes]:
+        """Ack ``delivery`` (out of the in-flight list, result stored and published) and
+        take up to ``take`` next tasks; the taken ones."""
         message = delivery.message
         channel = self.keys.result_channel(message.session_id)
         ack = (delivery.stored, message.task_id, encoded_result, channel)
-        flags = self._record(
-            message.task_id,
-            "ack",
-            lambda: self.scripts.ack(self.inflight, self.settings.result_ttl, [ack]),
-        )
+        ttl = self.settings.result_ttl
+
+        def write(attempt: int) -> tuple[list[int], list[bytes]]:
+            if attempt > 1 and take:
+                # The first try may have taken tasks and lost the reply: find them again,
+                # and take none now so that nothing is taken twice.
+                self.lost_reply()
+            return self.scripts.ack(self.inflight, ttl, [ack], take if attempt == 1 else 0)
+
+        outcome = self._record(message.task_id, "ack", write)
+        if outcome is None:
+            return []
+        flags, taken = outcome
         if flags == [0]:
             log.warning(
                 "queue %s: task %s finished after it was recovered from this worker;"
@@ -136,6 +152,7 @@ class TaskRunner:
                 message.task_id,
                 extra=self._log_extra(message.task_id),
             )
+        return taken
 
     # --- failures ---------------------------------------------------------------
 
@@ -191,7 +208,9 @@ class TaskRunner:
         done = self._record(
             message.task_id,
             "retry",
-            lambda: self.scripts.retry(self.inflight, delivery.stored, encoded, int(delay * 1000)),
+            lambda _: self.scripts.retry(
+                self.inflight, delivery.stored, encoded, int(delay * 1000)
+            ),
         )
         if done:
             self.metrics.processed["retried"].inc()
@@ -207,7 +226,8 @@ class TaskRunner:
                 extra=self._log_extra(message.task_id),
             )
 
-    def _dead_letter_invalid(self, stored: bytes, body: bytes, exc: InvalidTaskError) -> None:
+    def _dead_letter_invalid(self, stored: bytes, exc: InvalidTaskError) -> None:
+        lost, body = split_redelivery(stored)
         raw, encoding = raw_fields(body)
         record = DeadLetterRecord(
             task_id=task_id_of(body),
@@ -216,7 +236,7 @@ class TaskRunner:
             error=str(exc),
             failed_at=time.time(),
             worker_id=self.worker_id,
-            delivery_count=split_redelivery(stored)[0] + 1,
+            delivery_count=lost + 1,
             raw=raw,
             raw_encoding=encoding,
         )
@@ -229,7 +249,7 @@ class TaskRunner:
         moved = self._record(
             record.task_id,
             "dead letter",
-            lambda: self.scripts.dead_letter(
+            lambda _: self.scripts.dead_letter(
                 self.inflight, stored, record.task_id, encoded, result
             ),
         )
@@ -252,7 +272,9 @@ class TaskRunner:
         """Evict dead letters past their TTL or bound, logging and counting each one."""
         s = self.settings
         evicted = self._record(
-            "-", "trim", lambda: self.scripts.trim_dead(s.dead_letter_max_length, s.dead_letter_ttl)
+            "-",
+            "trim",
+            lambda _: self.scripts.trim_dead(s.dead_letter_max_length, s.dead_letter_ttl),
         )
         for task_id in evicted or []:
             self.metrics.evictions.inc()
@@ -267,12 +289,12 @@ class TaskRunner:
 
     # --- recording through outages -------------------------------------------
 
-    def _record(self, task_id: str, what: str, write: Callable[[], Any]) -> Any:
-        """``write()``, repeated while Redis is unreachable until it works or we give up."""
+    def _record(self, task_id: str, what: str, write: Callable[[int], T]) -> T | None:
+        """``write(attempt)``, repeated while Redis is unreachable until it works or we give up."""
         failures = 0
         while True:
             try:
-                return write()
+                return write(failures + 1)
             except TRANSIENT as exc:
                 failures += 1
                 if self.give_up.is_set():
