@@ -126,3 +126,6 @@ WATCHER_TICK = 0.25
 
 #: URL of Redis when neither ``--redis-url`` nor ``$REDIS_URL`` is given.
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+
+#: Results one round trip of the acker records at most.
+MAX_ACK_BATCH = 64

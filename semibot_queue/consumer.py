@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 import uuid
-from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 from typing import cast
@@ -25,6 +25,7 @@ from typing import cast
 import redis
 from prometheus_client import CollectorRegistry
 
+from semibot_queue.acker import Acker
 from semibot_queue.backoff import Random
 from semibot_queue.codec import Codec, task_id_of
 from semibot_queue.connection import TRANSIENT, Client, Reconnector, make_client
@@ -33,9 +34,10 @@ from semibot_queue.keys import KeySpace
 from semibot_queue.metrics import Metrics
 from semibot_queue.models import TaskResult
 from semibot_queue.producer import default_redis_url
-from semibot_queue.runner import Delivery, Handler, TaskRunner
+from semibot_queue.runner import Delivery, Handler, Success, TaskRunner
 from semibot_queue.scripts import Scripts
 from semibot_queue.settings import QueueSettings
+from semibot_queue.slots import Slots
 from semibot_queue.watcher import Watcher
 
 log = logging.getLogger("semibot_queue.consumer")
@@ -96,8 +98,7 @@ class TaskConsumer:
         self._finished = threading.Event()
         self._finished.set()
         self._grace = self.settings.shutdown_timeout
-        self._slots = threading.Condition()
-        self._running: Counter[bytes] = Counter()
+        self._slots = Slots(self.max_concurrent)
         self._last_busy_warning = 0.0
         self._reconnect = Reconnector(
             self.redis_url,
@@ -131,7 +132,6 @@ class TaskConsumer:
             reconnect=self._reconnect,
             give_up=self._give_up,
             rand=self._rand,
-            lost_reply=self._resync.set,
         )
         self._warn_if_evicting(client)
 
@@ -168,7 +168,12 @@ class TaskConsumer:
         self.unfinished = []
         self._install_signal_handlers()
         runner, client = self._runner, self._client
+        self._slots = Slots(self.max_concurrent)
         executor = ThreadPoolExecutor(self.max_concurrent, f"semibot-queue-{self.worker_id}")
+        acker = Acker(
+            runner, self._slots, self._dispatcher(executor, runner), self._stopping, self._resync
+        )
+        self._acker = acker
         watcher = Watcher(
             worker_id=self.worker_id,
             client=client,
@@ -182,6 +187,7 @@ class TaskConsumer:
         try:
             self._reconnect.call("register", lambda: runner.scripts.heartbeat(self.worker_id))
             watcher.start()
+            acker.start()
             log.info(
                 "queue %s: worker %s started, %d slots",
                 self.keys.queue,
@@ -189,11 +195,12 @@ class TaskConsumer:
                 self.max_concurrent,
                 extra={"queue": self.keys.queue, "worker_id": self.worker_id},
             )
-            self._loop(client, runner, executor)
+            self._loop(client, runner, self._dispatcher(executor, runner))
         finally:
             try:
                 self._shutdown(runner)
             finally:
+                acker.stop()
                 watcher.stop()
                 executor.shutdown(wait=False, cancel_futures=True)
                 self._stopping.clear()
@@ -225,12 +232,16 @@ class TaskConsumer:
 
     # --- the fetch loop -------------------------------------------------------------
 
-    def _loop(self, client: Client, runner: TaskRunner, executor: ThreadPoolExecutor) -> None:
+    def _loop(
+        self, client: Client, runner: TaskRunner, dispatch: Callable[[list[bytes]], None]
+    ) -> None:
         failures = 0
         while not self._stopping.is_set():
-            free = self._wait_for_slot()
+            free = self._slots.reserve()
             if free == 0:
+                self._wait_for_slot()
                 continue
+            batch: list[bytes] = []
             try:
                 if self._resync.is_set():
                     batch = self._orphans(client, free)
@@ -241,9 +252,10 @@ class TaskConsumer:
                 self._resync.set()  # a move whose reply was lost leaves an orphan
                 self._reconnect.wait_after(exc, "fetch", failures)
                 continue
+            finally:
+                self._slots.fill(free, batch)
             failures = 0
-            for stored in batch:
-                self._dispatch(executor, runner, stored)
+            dispatch(batch)
 
     def _take(self, client: Client, scripts: Scripts, free: int) -> list[bytes]:
         batch = scripts.fetch(self.inflight, free)
@@ -257,23 +269,14 @@ class TaskConsumer:
     def _orphans(self, client: Client, free: int) -> list[bytes]:
         """Up to ``free`` tasks of our in-flight list that no thread runs: taken by a call
         whose reply was lost. Clears the resync flag once none are left over."""
-        present = Counter(client.lrange(self.inflight, 0, -1))
-        with self._slots:
-            missing = list((present - self._running).elements())
+        missing = self._slots.missing(client.lrange(self.inflight, 0, -1))
         if len(missing) <= free:
             self._resync.clear()
         return missing[:free]
 
-    def _wait_for_slot(self) -> int:
-        with self._slots:
-            active = sum(self._running.values())
-            if active < self.max_concurrent:
-                return self.max_concurrent - active
-            self._warn_busy()
-            self._slots.wait(self.settings.blocking_timeout)
-            return 0
-
-    def _warn_busy(self) -> None:
+    def _wait_for_slot(self) -> None:
+        if self._slots.wait_free(self.settings.blocking_timeout):
+            return
         now = time.monotonic()
         if now - self._last_busy_warning < self.settings.busy_warning_interval:
             return
@@ -286,48 +289,45 @@ class TaskConsumer:
             extra={"queue": self.keys.queue, "worker_id": self.worker_id},
         )
 
-    def _dispatch(self, executor: ThreadPoolExecutor, runner: TaskRunner, stored: bytes) -> None:
-        with self._slots:
-            self._running[stored] += 1
-        executor.submit(self._run, runner, stored)
+    def _dispatcher(
+        self, executor: ThreadPoolExecutor, runner: TaskRunner
+    ) -> Callable[[list[bytes]], None]:
+        def dispatch(batch: list[bytes]) -> None:
+            for stored in batch:
+                executor.submit(self._run, runner, stored)
+
+        return dispatch
 
     def _run(self, runner: TaskRunner, stored: bytes) -> None:
-        # A thread whose task succeeds keeps its slot for the task its ack took.
-        current: bytes | None = stored
-        while current is not None:
-            following = None
-            try:
-                following = self._process_task(runner, current)
-            finally:
-                with self._slots:
-                    self._running[current] -= 1
-                    if self._running[current] <= 0:
-                        del self._running[current]
-                    if following is not None:
-                        self._running[following] += 1
-                    self._slots.notify_all()
-            current = following
+        try:
+            success = self._process_task(runner, stored)
+        except BaseException:
+            self._slots.finish(stored)
+            raise
+        if success is not None and self._acker.submit(*success):
+            return  # the acker frees the slot once the success is recorded
+        if success is not None:
+            # Finished after shutdown: ack alone. If the task was given back, nothing is
+            # recorded; if giving it back failed, this records its result after all.
+            runner.ack_batch([success], 0, self._resync.set)
+        self._slots.finish(stored)
 
-    def _process_task(self, runner: TaskRunner, stored: bytes) -> bytes | None:
-        """Run one task as taken from Redis and record its outcome; the next task taken."""
-        return runner.run(stored, 0 if self._stopping.is_set() else 1)
+    def _process_task(self, runner: TaskRunner, stored: bytes) -> Success | None:
+        """Run one task as taken from Redis; its success, to ack, or None if recorded."""
+        return runner.run(stored)
 
     def _publish_result(self, delivery: Delivery, result: TaskResult) -> None:
         """Ack ``delivery`` with ``result``: stored, published, out of the in-flight list."""
-        assert self._runner is not None  # noqa: S101 - only called while connected
-        self._runner.publish(delivery, self._codec.encode_result(result))
+        if self._runner is None:
+            raise QueueError("consumer is not connected")
+        encoded = self._codec.encode_result(result)
+        self._runner.ack_batch([(delivery, encoded)], 0, self._resync.set)
 
     # --- shutdown ---------------------------------------------------------------------
 
     def _shutdown(self, runner: TaskRunner) -> None:
         deadline = time.monotonic() + self._grace
-        with self._slots:
-            while self._running and not self._hurry.is_set():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._slots.wait(min(left, self.settings.blocking_timeout))
-            unfinished = list(self._running.elements())
+        unfinished = self._slots.wait_idle(deadline, self._hurry, self.settings.blocking_timeout)
         self._give_up.set()
         self.unfinished = [task_id_of(stored) for stored in unfinished]
         for task_id in self.unfinished:

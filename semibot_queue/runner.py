@@ -46,6 +46,10 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+#: A task that succeeded and the encoded result to ack it with.
+Success = tuple[Delivery, bytes]
+
+
 @attrs.define
 class TaskRunner:
     """Everything a pool thread needs to run tasks of one worker."""
@@ -61,8 +65,6 @@ class TaskRunner:
     #: Set when the worker stops waiting for Redis to record outcomes.
     give_up: threading.Event
     rand: Random
-    #: Called when an ack that took tasks lost its reply: those tasks must be found again.
-    lost_reply: Callable[[], None]
 
     @property
     def inflight(self) -> str:
@@ -74,20 +76,20 @@ class TaskRunner:
 
     # --- running ----------------------------------------------------------------
 
-    def run(self, stored: bytes, take: int = 0) -> bytes | None:
-        """Decode, run and record one task; never raises.
+    def run(self, stored: bytes) -> Success | None:
+        """Decode and run one task; never raises.
 
-        A success takes up to ``take`` (0 or 1) next task in the same round trip as its
-        ack and returns it, already in this worker's in-flight list, to be run next.
+        A failure is recorded here (retry or dead letter). A success is returned as
+        ``(delivery, encoded result)`` for the acker to record with others in one trip.
         """
         try:
             message = self.codec.decode_delivery(stored)
         except InvalidTaskError as exc:
             self._dead_letter_invalid(stored, exc)
             return None
-        return self._process(Delivery(stored, message), take)
+        return self._process(Delivery(stored, message))
 
-    def _process(self, delivery: Delivery, take: int) -> bytes | None:
+    def _process(self, delivery: Delivery) -> Success | None:
         message = delivery.message
         self.metrics.concurrent.inc()
         started = time.perf_counter()
@@ -98,12 +100,12 @@ class TaskRunner:
         except Exception as exc:  # noqa: BLE001 - any handler error is an outcome to record
             self._failed(delivery, exc, started, permanent=False)
         else:
-            return self._succeeded(delivery, value, started, take)
+            return self._succeeded(delivery, value, started)
         finally:
             self.metrics.concurrent.dec()
         return None
 
-    def _succeeded(self, delivery: Delivery, value: Any, started: float, take: int) -> bytes | None:
+    def _succeeded(self, delivery: Delivery, value: Any, started: float) -> Success | None:
         message = delivery.message
         duration = time.perf_counter() - started
         self.metrics.duration.observe(duration)
@@ -122,36 +124,42 @@ class TaskRunner:
             self._failed(delivery, PermanentTaskError(str(exc)), started, permanent=True)
             return None
         self.metrics.processed["succeeded"].inc()
-        taken = self.publish(delivery, encoded, take)
-        return taken[0] if taken else None
+        return delivery, encoded
 
-    def publish(self, delivery: Delivery, encoded_result: bytes, take: int = 0) -> list[bytes]:
-        """Ack ``delivery`` (out of the in-flight list, result stored and published) and
-        take up to ``take`` next tasks; the taken ones."""
-        message = delivery.message
-        channel = self.keys.result_channel(message.session_id)
-        ack = (delivery.stored, message.task_id, encoded_result, channel)
+    def ack_batch(
+        self, batch: list[Success], take: int, lost_reply: Callable[[], None]
+    ) -> list[bytes]:
+        """Ack every success of ``batch`` (out of the in-flight list, result stored and
+        published) and take up to ``take`` pending tasks, in one round trip; the taken.
+
+        If that round trip fails and is repeated, the repeat takes nothing and
+        ``lost_reply()`` is called: the first try may have taken tasks before its reply
+        was lost, and they must be found again in the in-flight list.
+        """
+        acks = [
+            (d.stored, d.message.task_id, encoded, self.keys.result_channel(d.message.session_id))
+            for d, encoded in batch
+        ]
         ttl = self.settings.result_ttl
 
         def write(attempt: int) -> tuple[list[int], list[bytes]]:
             if attempt > 1 and take:
-                # The first try may have taken tasks and lost the reply: find them again,
-                # and take none now so that nothing is taken twice.
-                self.lost_reply()
-            return self.scripts.ack(self.inflight, ttl, [ack], take if attempt == 1 else 0)
+                lost_reply()
+            return self.scripts.ack(self.inflight, ttl, acks, take if attempt == 1 else 0)
 
-        outcome = self._record(message.task_id, "ack", write)
+        outcome = self._record(acks[0][1], "ack", write)
         if outcome is None:
             return []
         flags, taken = outcome
-        if flags == [0]:
-            log.warning(
-                "queue %s: task %s finished after it was recovered from this worker;"
-                " its redelivery records the result",
-                self.keys.queue,
-                message.task_id,
-                extra=self._log_extra(message.task_id),
-            )
+        for (delivery, _), flag in zip(batch, flags, strict=True):
+            if not flag:
+                log.warning(
+                    "queue %s: task %s finished after it left this worker (recovered or"
+                    " given back); its redelivery records the result",
+                    self.keys.queue,
+                    delivery.message.task_id,
+                    extra=self._log_extra(delivery.message.task_id),
+                )
         return taken
 
     # --- failures ---------------------------------------------------------------

@@ -40,7 +40,7 @@ def publish_result(client: redis.Redis[bytes], task_id: str, session_id: str) ->
     result = TaskResult(task_id=task_id, session_id=session_id, status="succeeded", result=[1])
     encoded = Codec(1 << 20).encode_result(result)
     channel = keys.result_channel(session_id)
-    assert scripts.ack(keys.inflight("w"), 60, [(b"task", task_id, encoded, channel)]) == [1]
+    assert scripts.ack(keys.inflight("w"), 60, [(b"task", task_id, encoded, channel)]) == ([1], [])
     return result
 
 
