@@ -22,7 +22,7 @@ DEAD_LETTER_QUEUE = "dead"
 #: Handlers one worker runs at once (thread pool size and in-flight limit).
 MAX_CONCURRENT_TASKS = 10
 
-#: Seconds an idle worker's blocking pop may wait in total before it loops (see STOP_POLL_SLICE).
+#: Seconds one blocking pop may wait at most; it is also cut to STOP_POLL_SLICE.
 QUEUE_POLL_TIMEOUT = 30.0
 
 #: Seconds one blocking call waits at most, so ``stop()`` is seen within about a second.
