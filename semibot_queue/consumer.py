@@ -137,6 +137,8 @@ class TaskConsumer:
 
     def disconnect(self) -> None:
         """Close the connection (a given client is left to its owner)."""
+        if self._runner is not None:
+            self._runner.scripts.close()
         if self._client is not None and self._given_client is None:
             self._client.close()
         self._client = None

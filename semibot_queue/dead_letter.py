@@ -59,13 +59,16 @@ class DeadLetterQueue:
             queue_name or self.settings.default_queue_name, self.settings.result_channel_prefix
         )
         self._codec = Codec(self.settings.max_payload_bytes)
+        self._given_client = client
         self._client = client or make_client(self.redis_url, self.settings)
         self._scripts = Scripts(self._client, self.keys)
         self._retry = Reconnector(self.redis_url, self.keys.queue, self.settings)
 
     def close(self) -> None:
-        """Close the connection."""
-        self._client.close()
+        """Close the connection (a given client is left to its owner)."""
+        self._scripts.close()
+        if self._given_client is None:
+            self._client.close()
 
     def count(self) -> int:
         """Dead letters kept."""

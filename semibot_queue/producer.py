@@ -73,6 +73,8 @@ class TaskProducer:
 
     def disconnect(self) -> None:
         """Close the connection (a given client is left to its owner)."""
+        if self._scripts is not None:
+            self._scripts.close()
         if self._client is not None and self._given_client is None:
             self._client.close()
         self._client = None
