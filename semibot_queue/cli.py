@@ -221,7 +221,7 @@ def _enqueue(args: argparse.Namespace, out: TextIO) -> int:
 def _stats(args: argparse.Namespace, out: TextIO) -> int:
     settings = _settings()
     url = _url(args)
-    keys = KeySpace(args.queue or settings.default_queue_name, settings.result_channel_prefix)
+    keys = KeySpace.of(args.queue, settings)
     client = make_client(url, settings)
     try:
         while True:

@@ -15,20 +15,23 @@ import attrs
 import cattrs
 
 from semibot_queue.errors import InvalidTaskError
+from semibot_queue.keys import is_valid_name
 from semibot_queue.models import DeadLetterRecord, TaskMessage, TaskPayload, TaskResult
 
 T = TypeVar("T")
 
-#: A task put back by crash recovery is stored as ``~N~<json>``: N deliveries were lost.
-_REDELIVERY = re.compile(rb"~(\d+)~")
+#: A task given back to pending carries a header: ``~C~<json>`` after C deliveries lost
+#: to dead workers, ``~CrR~<json>`` when R more were given back by stopping workers.
+_REDELIVERY = re.compile(rb"~(\d+)(?:r(\d+))?~")
 
 
 def split_redelivery(raw: bytes) -> tuple[int, bytes]:
-    """Return ``(deliveries lost to dead workers, message bytes)`` of a stored task."""
+    """Return ``(deliveries lost, task bytes)`` of a stored task: lost to dead workers
+    plus given back by stopping ones."""
     match = _REDELIVERY.match(raw)
     if match is None:
         return 0, raw
-    return int(match.group(1)), raw[match.end() :]
+    return int(match.group(1)) + int(match.group(2) or 0), raw[match.end() :]
 
 
 def task_id_of(stored: bytes) -> str:
@@ -38,13 +41,14 @@ def task_id_of(stored: bytes) -> str:
         data = json.loads(body)
     except ValueError:
         data = None
-    if isinstance(data, dict) and isinstance(data.get("task_id"), str):
-        return str(data["task_id"])
+    task_id = data.get("task_id") if isinstance(data, dict) else None
+    if isinstance(task_id, str) and is_valid_name(task_id):
+        return task_id
     return "raw-" + hashlib.sha1(body, usedforsecurity=False).hexdigest()
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 class Codec:
@@ -139,9 +143,6 @@ class Codec:
             messages = cattrs.transform_error(exc, path=cls.__name__, format_exception=_describe)
             details = "; ".join(messages)
             raise InvalidTaskError(details) from None
-        except TypeError as exc:
-            # attrs raises TypeError for missing or unknown keyword arguments.
-            raise InvalidTaskError(f"{cls.__name__}: {exc}") from None
 
 
 def _strict_converter() -> cattrs.Converter:

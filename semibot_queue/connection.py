@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis
 
@@ -28,19 +29,18 @@ else:
 
 log = logging.getLogger("semibot_queue.connection")
 
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*")
+
 #: The errors after which a call is worth repeating once Redis is back.
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
 def mask_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``, for logs and errors."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+    """``url`` with every password (in the address or ``?password=``) shown as ``***``."""
+    userinfo, at, _ = urlsplit(url).netloc.rpartition("@")
+    if at and ":" in userinfo:
+        url = url.replace(userinfo + "@", userinfo.partition(":")[0] + ":***@", 1)
+    return _QUERY_PASSWORD.sub(r"\1***", url)
 
 
 def make_client(url: str, settings: QueueSettings) -> Client:

@@ -75,9 +75,7 @@ class TaskConsumer:
             raise QueueError(f"handler must be a callable, got {handler!r}")
         self.settings = settings or QueueSettings()
         self.redis_url = redis_url or default_redis_url()
-        self.keys = KeySpace(
-            queue_name or self.settings.default_queue_name, self.settings.result_channel_prefix
-        )
+        self.keys = KeySpace.of(queue_name, self.settings)
         self.max_concurrent = max_concurrent or self.settings.max_concurrent_tasks
         if self.max_concurrent < 1:
             raise QueueError(f"max_concurrent must be >= 1, got {self.max_concurrent}")

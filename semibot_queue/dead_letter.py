@@ -55,9 +55,7 @@ class DeadLetterQueue:
     ) -> None:
         self.settings = settings or QueueSettings()
         self.redis_url = redis_url or default_redis_url()
-        self.keys = KeySpace(
-            queue_name or self.settings.default_queue_name, self.settings.result_channel_prefix
-        )
+        self.keys = KeySpace.of(queue_name, self.settings)
         self._codec = Codec(self.settings.max_payload_bytes)
         self._given_client = client
         self._client = client or make_client(self.redis_url, self.settings)
@@ -152,7 +150,7 @@ class DeadLetterQueue:
 
     def _decode(self, raw: bytes) -> DeadLetterRecord:
         record = self._codec.decode_record(raw)
-        if record.message is None and record.raw_encoding == "utf-8" and record.raw:
+        if record.message is None and record.raw:
             # Poison records keep the task's exact bytes; show the task when it parses.
             try:
                 message = self._codec.decode_message(split_redelivery(raw_bytes(record))[1])

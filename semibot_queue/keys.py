@@ -7,13 +7,22 @@ single Redis Cluster slot.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import attrs
 
 from semibot_queue.constants import DEAD_LETTER_QUEUE, MAX_NAME_LENGTH, RESULT_CHANNEL_PREFIX
 from semibot_queue.errors import InvalidTaskError
 
+if TYPE_CHECKING:
+    from semibot_queue.settings import QueueSettings
+
 _NAME = re.compile(r"[A-Za-z0-9_.:\-]+")
+
+
+def is_valid_name(value: str) -> bool:
+    """Whether ``value`` may appear inside a key (see ``validate_name``)."""
+    return len(value) <= MAX_NAME_LENGTH and _NAME.fullmatch(value) is not None
 
 
 def validate_name(value: str, what: str) -> str:
@@ -34,12 +43,26 @@ def _queue_name(value: str) -> str:
     return validate_name(value, "queue name")
 
 
+def _dead_suffix(value: str) -> str:
+    return validate_name(value, "dead-letter queue suffix")
+
+
 @attrs.frozen
 class KeySpace:
     """Key names of one queue."""
 
     queue: str = attrs.field(converter=_queue_name)
     result_prefix: str = RESULT_CHANNEL_PREFIX
+    dead_suffix: str = attrs.field(default=DEAD_LETTER_QUEUE, converter=_dead_suffix)
+
+    @classmethod
+    def of(cls, queue: str | None, settings: QueueSettings) -> KeySpace:
+        """The key space of ``queue`` (default: the settings' queue) under ``settings``."""
+        return cls(
+            queue or settings.default_queue_name,
+            settings.result_channel_prefix,
+            settings.dead_letter_queue,
+        )
 
     @property
     def _tag(self) -> str:
@@ -63,12 +86,12 @@ class KeySpace:
     @property
     def dead(self) -> str:
         """Hash of dead-letter records by task id."""
-        return f"{self._tag}:{DEAD_LETTER_QUEUE}"
+        return f"{self._tag}:{self.dead_suffix}"
 
     @property
     def dead_index(self) -> str:
         """Sorted set of dead-letter task ids, scored by failure time in ms."""
-        return f"{self._tag}:{DEAD_LETTER_QUEUE}:index"
+        return f"{self._tag}:{self.dead_suffix}:index"
 
     @property
     def inflight_prefix(self) -> str:

@@ -11,7 +11,9 @@ from typing import Any, Literal
 
 import attrs
 
+from semibot_queue.constants import MAX_NAME_LENGTH
 from semibot_queue.errors import InvalidTaskError
+from semibot_queue.keys import is_valid_name
 
 Status = Literal["succeeded", "failed"]
 STATUSES: tuple[Status, ...] = ("succeeded", "failed")
@@ -51,6 +53,14 @@ def _count(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
         raise InvalidTaskError(f"{attribute.name}: must be a whole number >= 0, got {value!r}")
 
 
+def _task_id(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, str) or not is_valid_name(value):
+        raise InvalidTaskError(
+            f"{attribute.name}: must be 1 to {MAX_NAME_LENGTH} of A-Z a-z 0-9 _ . : -,"
+            f" got {value!r}"
+        )
+
+
 def _new_task_id() -> str:
     return str(uuid.uuid4())
 
@@ -69,7 +79,7 @@ class TaskPayload:
     messages: list[dict[str, str]] = attrs.field(validator=_messages)
     config: dict[str, Any] = attrs.field(factory=dict, validator=_mapping)
     metadata: dict[str, Any] = attrs.field(factory=dict, validator=_mapping)
-    task_id: str = attrs.field(factory=_new_task_id, validator=_non_empty_text)
+    task_id: str = attrs.field(factory=_new_task_id, validator=_task_id)
 
 
 @attrs.frozen(kw_only=True)

@@ -47,9 +47,7 @@ class TaskProducer:
     ) -> None:
         self.settings = settings or QueueSettings()
         self.redis_url = redis_url or default_redis_url()
-        self.keys = KeySpace(
-            queue_name or self.settings.default_queue_name, self.settings.result_channel_prefix
-        )
+        self.keys = KeySpace.of(queue_name, self.settings)
         self._codec = Codec(self.settings.max_payload_bytes)
         self._metrics = Metrics(self.keys.queue, registry)
         self._given_client = client

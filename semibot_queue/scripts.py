@@ -16,6 +16,7 @@ from typing import Any
 import redis
 
 from semibot_queue.connection import Client
+from semibot_queue.constants import MAX_NAME_LENGTH
 from semibot_queue.keys import KeySpace
 
 
@@ -186,7 +187,7 @@ class Scripts:
             self._keys.dead,
             self._keys.dead_index,
         ]
-        args = [worker_id, dead_after_ms, max_deliveries, batch, max_length]
+        args = [worker_id, dead_after_ms, max_deliveries, batch, max_length, MAX_NAME_LENGTH]
         reply = self._recover(keys=keys, args=args)
         if int(reply[0]) < 0:
             return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, cast
@@ -12,18 +13,28 @@ from semibot_queue import constants as c
 from semibot_queue.errors import SettingsError
 
 
+def _number(attribute: attrs.Attribute[Any], value: object) -> float:
+    """``value`` if it is a finite number of the field's kind (a count must be whole)."""
+    whole = isinstance(attribute.default, int)
+    kinds = (int,) if whole else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+        kind = "a whole number" if whole else "a finite number"
+        raise SettingsError(f"setting {attribute.name} must be {kind}, got {value!r}")
+    return float(value)
+
+
 def _positive(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise SettingsError(f"setting {attribute.name} must be a positive number, got {value!r}")
+    if _number(attribute, value) <= 0:
+        raise SettingsError(f"setting {attribute.name} must be positive, got {value!r}")
 
 
 def _non_negative(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    if _number(attribute, value) < 0:
         raise SettingsError(f"setting {attribute.name} must be zero or more, got {value!r}")
 
 
 def _fraction(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+    if not 0 <= _number(attribute, value) < 1:
         raise SettingsError(f"setting {attribute.name} must be in [0, 1), got {value!r}")
 
 
@@ -47,6 +58,7 @@ class QueueSettings:
 
     default_queue_name: str = _field(c.DEFAULT_QUEUE_NAME, _text)
     result_channel_prefix: str = _field(c.RESULT_CHANNEL_PREFIX, _text)
+    dead_letter_queue: str = _field(c.DEAD_LETTER_QUEUE, _text)
     max_concurrent_tasks: int = _field(c.MAX_CONCURRENT_TASKS, _positive)
     queue_poll_timeout: float = _field(c.QUEUE_POLL_TIMEOUT, _positive)
     stop_poll_slice: float = _field(c.STOP_POLL_SLICE, _positive)

@@ -17,6 +17,7 @@ import attrs
 from semibot_queue.codec import Codec
 from semibot_queue.connection import TRANSIENT, Client
 from semibot_queue.constants import WATCHER_TICK
+from semibot_queue.dead_letter import raw_bytes
 from semibot_queue.keys import KeySpace
 from semibot_queue.metrics import Metrics
 from semibot_queue.models import TaskResult
@@ -157,7 +158,7 @@ class Watcher:
             return
         record = self.codec.decode_record(raw)
         try:
-            message = self.codec.decode_message((record.raw or "").encode())
+            message = self.codec.decode_message(raw_bytes(record))
         except Exception:  # noqa: BLE001 - an unparseable poison task has no session to tell
             return
         result = TaskResult(

@@ -255,7 +255,7 @@ class TestStopping:
         handle.stop(timeout=0.2)
         assert handle.consumer.unfinished == [task_id]
         [back] = redis_client.lrange(KEYS.pending, 0, -1)
-        assert back.startswith(b"~1~")
+        assert back.startswith(b"~0r1~")
         assert redis_client.zcard(KEYS.workers) == 0
         with caplog.at_level(logging.WARNING, "semibot_queue"):
             release.set()  # the late handler's ack must record nothing

@@ -124,7 +124,6 @@ class TestInvalidInput:
             (payload(config={"when": object()}), "config: not JSON-serialisable"),
             (payload(metadata={"blob": b"bytes"}), "metadata: not JSON-serialisable"),
             (payload(config={"text": "x" * 5000}), "exceeds MAX_PAYLOAD_BYTES"),
-            (payload(task_id="has space"), "task id"),
         ],
     )
     def test_bad_payloads_are_refused(self, redis_url, redis_client, bad, message):
@@ -134,6 +133,10 @@ class TestInvalidInput:
         ):
             producer.enqueue_many([payload(1), bad])
         assert redis_client.keys("*") == []
+
+    def test_a_task_id_unfit_for_a_key_is_refused_when_built(self):
+        with pytest.raises(InvalidTaskError, match="task_id: must be"):
+            payload(task_id="has {space}")
 
 
 class TestResults:

@@ -1,6 +1,7 @@
 -- release: a stopping worker gives back the tasks it cannot finish, then deregisters.
--- Released tasks go to the taking end of the pending list, marked '~N~' like recovered
--- ones (their delivery was lost) but never dead-lettered for it.
+-- Released tasks go to the taking end of the pending list with the header '~CrR~' (see
+-- recover.lua), R counting deliveries given back: they show in delivery_count, but
+-- unlike deliveries lost to dead workers they never make a task poison.
 -- KEYS[1]  workers sorted set
 -- KEYS[2]  the worker's in-flight list
 -- KEYS[3]  pending list
@@ -13,9 +14,10 @@ while room > 0 do
   if not task then
     break
   end
-  local lost, body = string.match(task, '^~(%d+)~(.*)$')
-  lost = (tonumber(lost) or 0) + 1
-  redis.call('RPUSH', KEYS[3], '~' .. lost .. '~' .. (body or task))
+  local crashes, released, body = string.match(task, '^~(%d+)r?(%d*)~(.*)$')
+  crashes = tonumber(crashes) or 0
+  released = (tonumber(released) or 0) + 1
+  redis.call('RPUSH', KEYS[3], '~' .. crashes .. 'r' .. released .. '~' .. (body or task))
   room = room - 1
 end
 local left = redis.call('LLEN', KEYS[2])
