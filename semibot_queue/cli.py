@@ -17,16 +17,26 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
+import attrs
+
 from semibot_queue import logs, stats
 from semibot_queue.codec import Codec
-from semibot_queue.connection import make_client
-from semibot_queue.constants import DEFAULT_REDIS_URL, METRICS_HOST
+from semibot_queue.connection import make_client, mask_url
+from semibot_queue.constants import (
+    CLI_RECONNECT_ATTEMPTS,
+    DEFAULT_REDIS_URL,
+    ENV_PREFIX,
+    METRICS_HOST,
+)
 from semibot_queue.dead_letter import DeadLetterQueue
 from semibot_queue.errors import InvalidTaskError, QueueConnectionError, QueueError, QueueFullError
 from semibot_queue.keys import KeySpace
 from semibot_queue.producer import TaskProducer
 from semibot_queue.settings import QueueSettings
 from semibot_queue.tables import print_dead_letters, print_record, print_stats
+
+#: Levels ``--log-level`` accepts.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class Exit(enum.IntEnum):
@@ -63,7 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, help="handlers run at once")
     worker.add_argument("--metrics-port", type=int, help="serve /metrics on this port")
     worker.add_argument("--metrics-host", default=METRICS_HOST)
-    worker.add_argument("--log-level", default="INFO")
+    worker.add_argument(
+        "--log-level", type=str.upper, default="INFO", choices=LOG_LEVELS, help="default INFO"
+    )
     worker.add_argument("--log-format", choices=("text", "json"), default="text")
 
     enqueue = commands.add_parser("enqueue", help="enqueue one task and print its id")
@@ -104,6 +116,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run the command line with ``argv``; the exit status."""
     args = _parser().parse_args(argv)
     stdout = out or sys.stdout
+    if args.command not in ("worker", "demo"):
+        # One-shot commands print one line per error; the library's logs only with --debug.
+        logs.configure("WARNING" if args.debug else "CRITICAL")
     try:
         return int(COMMANDS[args.command](args, stdout))
     except CommandError as exc:
@@ -125,8 +140,13 @@ def _fail(args: argparse.Namespace, exc: Exception, status: Exit) -> int:
     return int(status)
 
 
-def _settings() -> QueueSettings:
-    return QueueSettings.from_env()
+def _settings(one_shot: bool = True) -> QueueSettings:
+    """Settings from the environment; a one-shot command gives up on Redis sooner."""
+    settings = QueueSettings.from_env()
+    variable = ENV_PREFIX + "MAX_RECONNECT_ATTEMPTS"
+    if one_shot and variable not in os.environ:
+        return attrs.evolve(settings, max_reconnect_attempts=CLI_RECONNECT_ATTEMPTS)
+    return settings
 
 
 def _url(args: argparse.Namespace) -> str:
@@ -145,7 +165,7 @@ def load_handler(spec: str) -> Callable[..., Any]:
         sys.path.insert(0, os.getcwd())  # like `python -m`: handlers live beside the caller
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except Exception as exc:  # ImportError, SyntaxError, TypeError (a relative name): all bad input
         raise CommandError(f"cannot import {module_name!r}: {exc}", Exit.INVALID) from exc
     handler = getattr(module, function, None)
     if not callable(handler):
@@ -161,7 +181,7 @@ def _worker(args: argparse.Namespace, _out: TextIO) -> int:
         handler=load_handler(args.handler),
         redis_url=_url(args),
         queue=args.queue,
-        settings=_settings(),
+        settings=_settings(one_shot=False),
         concurrency=args.concurrency,
         metrics=(args.metrics_host, args.metrics_port) if args.metrics_port else None,
     )
@@ -170,11 +190,16 @@ def _worker(args: argparse.Namespace, _out: TextIO) -> int:
 # --- enqueue ------------------------------------------------------------------------
 
 
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as file:
+        return file.read()
+
+
 def _payload(args: argparse.Namespace, codec: Codec) -> Any:
     if args.json is not None:
         try:
-            text = sys.stdin.read() if args.json == "-" else open(args.json).read()  # noqa: SIM115
-        except OSError as exc:
+            text = sys.stdin.read() if args.json == "-" else _read_text(args.json)
+        except (OSError, UnicodeDecodeError) as exc:
             raise CommandError(f"cannot read {args.json}: {exc}", Exit.INVALID) from exc
         try:
             data = json.loads(text)
@@ -228,7 +253,9 @@ def _stats(args: argparse.Namespace, out: TextIO) -> int:
             try:
                 snapshot = stats.collect(client, keys, settings)
             except Exception as exc:  # any failure to read means Redis is unreachable here
-                raise QueueConnectionError(f"cannot read stats from {url}: {exc}") from exc
+                raise QueueConnectionError(
+                    f"cannot read stats from {mask_url(url)}: {exc}"
+                ) from exc
             if args.json:
                 print(json.dumps(snapshot, sort_keys=True), file=out)
             else:
@@ -237,6 +264,8 @@ def _stats(args: argparse.Namespace, out: TextIO) -> int:
                 return Exit.OK
             out.flush()
             time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return Exit.OK  # Ctrl-C is how a watch ends
     finally:
         client.close()
 

@@ -86,7 +86,9 @@ class Reconnector:
             failures, s.error_retry_delay, s.max_reconnect_delay, s.retry_jitter, self._rand
         )
 
-    def wait_after(self, exc: Exception, what: str, failures: int) -> None:
+    def wait_after(
+        self, exc: Exception, what: str, failures: int, task_id: str | None = None
+    ) -> None:
         """Wait before try ``failures + 1`` of ``what``, or raise when out of attempts."""
         limit = self._settings.max_reconnect_attempts
         if failures >= limit:
@@ -98,18 +100,23 @@ class Reconnector:
             "queue %s: redis at %s failed during %s (%s); reconnect attempt %d/%d in %.2fs",
             self._queue,
             self.url,
-            what,
+            what if task_id is None else f"{what} of task {task_id}",
             exc,
             failures,
             limit,
             wait,
-            extra={"queue": self._queue, "redis_url": self.url, "attempt": failures},
+            extra={
+                "queue": self._queue,
+                "task_id": task_id,
+                "redis_url": self.url,
+                "attempt": failures,
+            },
         )
         if self._on_retry is not None:
             self._on_retry()
         self._stop.wait(wait)
 
-    def call(self, what: str, fn: Callable[[], T]) -> T:
+    def call(self, what: str, fn: Callable[[], T], task_id: str | None = None) -> T:
         """``fn()``, retried on transient errors up to MAX_RECONNECT_ATTEMPTS in a row."""
         failures = 0
         while True:
@@ -117,4 +124,4 @@ class Reconnector:
                 return fn()
             except TRANSIENT as exc:
                 failures += 1
-                self.wait_after(exc, what, failures)
+                self.wait_after(exc, what, failures, task_id)

@@ -67,6 +67,9 @@ MAX_RECONNECT_DELAY = 60.0
 #: Consecutive connection failures after which QueueConnectionError is raised.
 MAX_RECONNECT_ATTEMPTS = 10
 
+#: Consecutive connection failures after which a one-shot command (not a worker) gives up.
+CLI_RECONNECT_ATTEMPTS = 3
+
 #: Seconds a connection may wait for a reply (blocking calls stay below it).
 SOCKET_TIMEOUT = 5.0
 

@@ -198,7 +198,7 @@ class TaskConsumer:
             self._loop(client, runner, self._dispatcher(executor, runner))
         finally:
             try:
-                self._shutdown(runner)
+                self._shutdown(runner, watcher)
             finally:
                 acker.stop()
                 watcher.stop()
@@ -325,10 +325,11 @@ class TaskConsumer:
 
     # --- shutdown ---------------------------------------------------------------------
 
-    def _shutdown(self, runner: TaskRunner) -> None:
+    def _shutdown(self, runner: TaskRunner, watcher: Watcher) -> None:
         deadline = time.monotonic() + self._grace
         unfinished = self._slots.wait_idle(deadline, self._hurry, self.settings.blocking_timeout)
         self._give_up.set()
+        watcher.stop()  # its next heartbeat would register the worker again after release
         self.unfinished = [task_id_of(stored) for stored in unfinished]
         for task_id in self.unfinished:
             log.warning(

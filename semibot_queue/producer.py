@@ -114,7 +114,9 @@ class TaskProducer:
         encoded = [self._encode(payload, now, index) for index, payload in enumerate(batch)]
         _, scripts = self._connected()
         limit = self.settings.max_queue_length
-        length = self._retry.call("enqueue", lambda: scripts.enqueue(encoded, limit))
+        length = self._retry.call(
+            "enqueue", lambda: scripts.enqueue(encoded, limit), task_id=batch[0].task_id
+        )
         if length < 0:
             self._metrics.rejected.inc(len(batch))
             log.error(

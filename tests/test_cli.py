@@ -1,0 +1,1082 @@
+"""The ``semibot-queue`` command line: every command in-process through ``main(argv)`` and
+through a real subprocess (``python -m semibot_queue`` and the console script).
+
+Errors are one line on stderr, ``semibot-queue: error: ...``, with a distinct exit status;
+``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import configparser
+import importlib
+import io
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+import semibot_queue
+from cli_handlers import echo, reject
+from redis_server import free_port
+from semibot_queue import DeadLetterQueue, DeadLetterRecord, TaskConsumer, TaskProducer
+from semibot_queue.cli import Exit, main
+from semibot_queue.codec import task_id_of
+from semibot_queue.keys import KeySpace
+from semibot_queue.scripts import Scripts
+from semibot_queue.tables import print_dead_letters
+from support import FAST, payload, running, wait_until
+
+QUEUE = "agent:tasks"  #: the command line's default queue
+KEYS = KeySpace(QUEUE)
+UNREACHABLE = "redis://127.0.0.1:1/0"  #: nothing listens on port 1
+TESTS_DIR = Path(__file__).resolve().parent
+PACKAGE_ROOT = Path(semibot_queue.__file__).resolve().parent.parent
+MODULE = [sys.executable, "-m", "semibot_queue"]
+#: Reconnect quickly so that "unreachable" is decided in milliseconds, not minutes.
+FAST_RECONNECT = {
+    "SEMIBOT_QUEUE_MAX_RECONNECT_ATTEMPTS": "2",
+    "SEMIBOT_QUEUE_ERROR_RETRY_DELAY": "0.01",
+    "SEMIBOT_QUEUE_MAX_RECONNECT_DELAY": "0.02",
+}
+PAYLOAD = {
+    "session_id": "session-7",
+    "agent_id": "agent-1",
+    "org_id": "org-1",
+    "messages": [{"role": "user", "content": "summarise the report"}],
+    "task_id": "task-from-json",
+}
+
+
+# --- helpers ------------------------------------------------------------------------
+
+
+def cli(*argv: str) -> tuple[int, str]:
+    """``main(argv)`` in this process: (exit status, what it printed)."""
+    out = io.StringIO()
+    status = main(list(argv), out=out)
+    return status, out.getvalue()
+
+
+def error_line(err: str) -> str:
+    """The one line an error prints on stderr (fails if there is more, or a traceback)."""
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert lines[0].startswith("semibot-queue: error: "), lines[0]
+    return lines[0]
+
+
+def cli_env(redis_url: str | None = None, **variables: str) -> dict[str, str]:
+    """The environment of a command-line subprocess: the package and ``cli_handlers``
+    importable, ``$REDIS_URL`` set (or unset) and ``variables`` added."""
+    env = dict(os.environ)
+    paths = [str(PACKAGE_ROOT), str(TESTS_DIR), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    env.pop("REDIS_URL", None)
+    if redis_url is not None:
+        env["REDIS_URL"] = redis_url
+    env.update(variables)
+    return env
+
+
+def run(command: list[str], *argv: str, env: dict[str, str], stdin: str | None = None):
+    """Run the command line to completion in a subprocess."""
+    return subprocess.run(
+        [*command, *argv],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def declared_entry_point() -> str:
+    """The target of the ``semibot-queue`` console script, as setup.cfg declares it."""
+    config = configparser.ConfigParser()
+    config.read(TESTS_DIR.parent / "setup.cfg")
+    for line in config["options.entry_points"]["console_scripts"].strip().splitlines():
+        name, _, target = line.partition("=")
+        if name.strip() == "semibot-queue":
+            return target.strip()
+    raise AssertionError("setup.cfg declares no semibot-queue console script")
+
+
+def console_script() -> list[str]:
+    """The installed ``semibot-queue`` script; from a source tree that has not been
+    installed, the declared entry point run the way the generated script runs it."""
+    installed = shutil.which("semibot-queue")
+    if installed is not None:
+        return [installed]
+    module, _, function = declared_entry_point().partition(":")
+    return [
+        sys.executable,
+        "-c",
+        f"import sys; from {module} import {function}; sys.exit({function}())",
+    ]
+
+
+@pytest.fixture(params=["python -m", "console script"])
+def launcher(request) -> list[str]:
+    """Each way a user starts the command line."""
+    return MODULE if request.param == "python -m" else console_script()
+
+
+@pytest.fixture(autouse=True)
+def _restore_package_logger():
+    """``worker`` and ``demo`` configure the ``semibot_queue`` logger; undo it after the test."""
+    logger = logging.getLogger("semibot_queue")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def pending(redis_client, keys: KeySpace = KEYS) -> list[dict]:
+    """The pending tasks of a queue, oldest first, decoded."""
+    return [json.loads(raw) for raw in reversed(redis_client.lrange(keys.pending, 0, -1))]
+
+
+def dead_letter(url: str, count: int, queue_name: str = QUEUE) -> list[str]:
+    """Enqueue ``count`` tasks and let a worker dead-letter each one; their ids, oldest first."""
+    with TaskProducer(url, queue_name, FAST, registry=CollectorRegistry()) as producer:
+        ids = producer.enqueue_many([payload(n) for n in range(count)])
+    consumer = TaskConsumer(url, queue_name, reject, 1, FAST, registry=CollectorRegistry())
+    dlq = DeadLetterQueue(url, queue_name, FAST)
+    try:
+        with running(consumer):
+            wait_until(lambda: dlq.count() == count, what=f"{count} dead letters")
+    finally:
+        dlq.close()
+    return ids
+
+
+@pytest.fixture
+def two_dead_letters(redis_url) -> list[str]:
+    """Two dead letters on the default queue, oldest first."""
+    return dead_letter(redis_url, 2)
+
+
+class FakeTty(io.StringIO):
+    """A terminal on stdin, so destructive commands ask before they act."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def answer(monkeypatch, reply: str) -> list[str]:
+    """Make stdin a terminal whose user types ``reply``; the questions asked."""
+    asked: list[str] = []
+
+    def fake_input(prompt: str = "") -> str:
+        asked.append(prompt)
+        return reply
+
+    monkeypatch.setattr(sys, "stdin", FakeTty())
+    monkeypatch.setattr("builtins.input", fake_input)
+    return asked
+
+
+# --- enqueue ------------------------------------------------------------------------
+
+
+class TestEnqueue:
+    """``enqueue`` builds a payload from flags or JSON, prints the task id, and can wait."""
+
+    def test_flags_make_a_task_on_pending_and_its_id_is_printed(self, redis_url, redis_client):
+        status, out = cli(
+            "--redis-url", redis_url, "enqueue",
+            "--session-id", "s-1", "--agent-id", "a-1", "--org-id", "o-1",
+            "--message", "system:be brief", "--message", "user:what is 2:3?",
+        )  # fmt: skip
+        assert status == Exit.OK
+        task_id = out.strip()
+        assert str(uuid.UUID(task_id)) == task_id
+        [task] = pending(redis_client)
+        assert task["task_id"] == task_id
+        assert (task["session_id"], task["agent_id"], task["org_id"]) == ("s-1", "a-1", "o-1")
+        assert task["messages"] == [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "what is 2:3?"},
+        ]
+
+    def test_redis_url_defaults_to_the_environment_and_queue_is_chosen(
+        self, redis_url, redis_client, monkeypatch
+    ):
+        monkeypatch.setenv("REDIS_URL", redis_url)
+        status, out = cli(
+            "--queue", "ops:q", "enqueue",
+            "--session-id", "s", "--agent-id", "a", "--org-id", "o",
+        )  # fmt: skip
+        assert status == Exit.OK
+        assert [t["task_id"] for t in pending(redis_client, KeySpace("ops:q"))] == [out.strip()]
+        assert pending(redis_client) == []
+
+    def test_json_file_is_the_payload(self, redis_url, redis_client, tmp_path):
+        path = tmp_path / "task.json"
+        path.write_text(json.dumps(PAYLOAD))
+        status, out = cli("--redis-url", redis_url, "enqueue", "--json", str(path))
+        assert status == Exit.OK
+        assert out.strip() == "task-from-json"
+        [task] = pending(redis_client)
+        assert task["messages"] == PAYLOAD["messages"]
+
+    def test_json_dash_reads_the_payload_from_stdin(self, redis_url, redis_client, monkeypatch):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(PAYLOAD)))
+        status, out = cli("--redis-url", redis_url, "enqueue", "--json", "-")
+        assert status == Exit.OK
+        assert out.strip() == "task-from-json"
+        assert [t["task_id"] for t in pending(redis_client)] == ["task-from-json"]
+
+    def test_invalid_json_file_exits_5_and_writes_nothing(
+        self, redis_url, redis_client, tmp_path, capsys
+    ):
+        path = tmp_path / "broken.json"
+        path.write_text('{"session_id": ')
+        status, out = cli("--redis-url", redis_url, "enqueue", "--json", str(path))
+        assert status == Exit.INVALID == 5
+        assert out == ""
+        assert "is not valid JSON" in error_line(capsys.readouterr().err)
+        assert pending(redis_client) == []
+
+    def test_a_file_that_is_not_text_exits_5_with_one_line(
+        self, redis_url, redis_client, tmp_path, capsys
+    ):
+        path = tmp_path / "binary.json"
+        path.write_bytes(b"\xff\xfe\x00{")
+        status, _ = cli("--redis-url", redis_url, "enqueue", "--json", str(path))
+        assert status == Exit.INVALID
+        assert str(path) in error_line(capsys.readouterr().err)
+        assert pending(redis_client) == []
+
+    def test_json_that_is_not_a_payload_exits_5(self, redis_url, redis_client, capsys):
+        bad = dict(PAYLOAD, messages="hello")
+        for text in (json.dumps([PAYLOAD]), json.dumps(bad)):
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(sys, "stdin", io.StringIO(text))
+                status, _ = cli("--redis-url", redis_url, "enqueue", "--json", "-")
+            assert status == Exit.INVALID
+            error_line(capsys.readouterr().err)
+        assert pending(redis_client) == []
+
+    def test_missing_file_exits_5(self, redis_url, tmp_path, capsys):
+        missing = tmp_path / "nowhere.json"
+        status, _ = cli("--redis-url", redis_url, "enqueue", "--json", str(missing))
+        assert status == Exit.INVALID
+        assert f"cannot read {missing}" in error_line(capsys.readouterr().err)
+
+    def test_message_without_a_role_exits_5(self, redis_url, redis_client, capsys):
+        status, _ = cli(
+            "--redis-url", redis_url, "enqueue",
+            "--session-id", "s", "--agent-id", "a", "--org-id", "o", "--message", "no role",
+        )  # fmt: skip
+        assert status == Exit.INVALID
+        assert "'no role' is not ROLE:TEXT" in error_line(capsys.readouterr().err)
+        assert pending(redis_client) == []
+
+    def test_missing_agent_id_exits_2_naming_it(self, redis_url, redis_client, capsys):
+        status, _ = cli("--redis-url", redis_url, "enqueue", "--session-id", "s", "--org-id", "o")
+        assert status == Exit.USAGE == 2
+        assert error_line(capsys.readouterr().err).endswith("enqueue needs --agent-id")
+        status, _ = cli("--redis-url", redis_url, "enqueue", "--session-id", "s")
+        assert status == Exit.USAGE
+        assert "--agent-id, --org-id" in error_line(capsys.readouterr().err)
+        assert pending(redis_client) == []
+
+    def test_a_bad_settings_variable_is_one_line_naming_it(self, redis_url, monkeypatch, capsys):
+        monkeypatch.setenv("SEMIBOT_QUEUE_MAX_QUEUE_LENGTH", "lots")
+        status, out = cli(
+            "--redis-url", redis_url, "enqueue", "--session-id", "s", "--agent-id", "a",
+            "--org-id", "o",
+        )  # fmt: skip
+        assert status == Exit.ERROR
+        assert out == ""
+        assert "SEMIBOT_QUEUE_MAX_QUEUE_LENGTH='lots'" in error_line(capsys.readouterr().err)
+
+    def test_no_payload_at_all_is_a_usage_error(self, redis_url, capsys):
+        with pytest.raises(SystemExit) as exited:
+            cli("--redis-url", redis_url, "enqueue", "--agent-id", "a")
+        assert exited.value.code == 2
+        assert "one of the arguments --json --session-id is required" in capsys.readouterr().err
+
+    def test_a_full_queue_exits_6_and_keeps_what_was_there(
+        self, redis_url, redis_client, monkeypatch, capsys
+    ):
+        monkeypatch.setenv("SEMIBOT_QUEUE_MAX_QUEUE_LENGTH", "1")
+        monkeypatch.setenv("SEMIBOT_QUEUE_QUEUE_LENGTH_WARNING_THRESHOLD", "1")
+        argv = ["--redis-url", redis_url, "enqueue", "--session-id", "s"]
+        argv += ["--agent-id", "a", "--org-id", "o"]
+        assert cli(*argv)[0] == Exit.OK
+        capsys.readouterr()
+        status, out = cli(*argv)
+        assert status == Exit.FULL == 6
+        assert out == ""
+        assert "is full (MAX_QUEUE_LENGTH=1)" in error_line(capsys.readouterr().err)
+        assert len(pending(redis_client)) == 1
+
+    def test_wait_prints_the_result_of_a_running_worker(self, redis_url):
+        consumer = TaskConsumer(redis_url, None, echo, 2, FAST, registry=CollectorRegistry())
+        with running(consumer):
+            status, out = cli(
+                "--redis-url", redis_url, "enqueue",
+                "--session-id", "s", "--agent-id", "a-9", "--org-id", "o",
+                "--message", "user:ping", "--wait", "5",
+            )  # fmt: skip
+        assert status == Exit.OK
+        task_id, line = out.splitlines()
+        result = json.loads(line)
+        assert set(result) == {
+            "task_id", "session_id", "status", "result", "error", "attempts", "duration_s",
+            "finished_at",
+        }  # fmt: skip
+        assert result["task_id"] == task_id
+        assert result["session_id"] == "s"
+        assert result["status"] == "succeeded"
+        assert result["result"] == {"agent": "a-9", "echo": "ping"}
+        assert result["attempts"] == 1
+
+    def test_wait_for_a_dead_lettered_task_prints_the_failure_and_exits_1(self, redis_url):
+        consumer = TaskConsumer(redis_url, None, reject, 1, FAST, registry=CollectorRegistry())
+        with running(consumer):
+            status, out = cli(
+                "--redis-url", redis_url, "enqueue",
+                "--session-id", "s", "--agent-id", "a", "--org-id", "o", "--wait", "5",
+            )  # fmt: skip
+        assert status == Exit.ERROR == 1
+        task_id, line = out.splitlines()
+        result = json.loads(line)
+        assert result["status"] == "failed"
+        assert result["error"] == f"PermanentTaskError: cannot handle task {task_id}"
+
+    def test_wait_without_a_worker_times_out_with_exit_7(self, redis_url, redis_client, capsys):
+        status, out = cli(
+            "--redis-url", redis_url, "enqueue",
+            "--session-id", "s", "--agent-id", "a", "--org-id", "o", "--wait", "0.5",
+        )  # fmt: skip
+        assert status == Exit.TIMEOUT == 7
+        task_id = out.strip()
+        assert error_line(capsys.readouterr().err).endswith(f"no result for task {task_id} in time")
+        assert [t["task_id"] for t in pending(redis_client)] == [task_id]
+
+
+class TestEnqueueSubprocess:
+    """The same through a real process."""
+
+    def test_enqueue_prints_the_id_of_a_pending_task(self, launcher, redis_url, redis_client):
+        done = run(
+            launcher, "enqueue", "--session-id", "s", "--agent-id", "a", "--org-id", "o",
+            "--message", "user:hi", env=cli_env(redis_url),
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == ""
+        assert [t["task_id"] for t in pending(redis_client)] == [done.stdout.strip()]
+
+    def test_json_from_stdin_and_wait_for_the_result(self, redis_url):
+        consumer = TaskConsumer(redis_url, None, echo, 2, FAST, registry=CollectorRegistry())
+        with running(consumer):
+            done = run(
+                MODULE, "--redis-url", redis_url, "enqueue", "--json", "-", "--wait", "5",
+                env=cli_env(), stdin=json.dumps(PAYLOAD),
+            )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        task_id, line = done.stdout.splitlines()
+        assert task_id == "task-from-json"
+        assert json.loads(line)["result"] == {"agent": "agent-1", "echo": "summarise the report"}
+
+    def test_bad_input_exits_5_and_missing_agent_id_exits_2(self, redis_url, tmp_path):
+        broken = tmp_path / "broken.json"
+        broken.write_text("{not json")
+        done = run(MODULE, "enqueue", "--json", str(broken), env=cli_env(redis_url))
+        assert done.returncode == 5
+        assert "is not valid JSON" in error_line(done.stderr)
+        done = run(MODULE, "enqueue", "--session-id", "s", "--org-id", "o", env=cli_env(redis_url))
+        assert done.returncode == 2
+        assert "--agent-id" in error_line(done.stderr)
+
+    def test_wait_without_a_worker_exits_7(self, redis_url):
+        done = run(
+            MODULE, "enqueue", "--session-id", "s", "--agent-id", "a", "--org-id", "o",
+            "--wait", "0.5", env=cli_env(redis_url),
+        )  # fmt: skip
+        assert done.returncode == 7
+        assert "in time" in error_line(done.stderr)
+
+    def test_console_script_runs_the_cli_main(self):
+        assert declared_entry_point() == "semibot_queue.cli:main"
+
+
+# --- stats --------------------------------------------------------------------------
+
+
+def registered_workers(redis_client) -> dict[str, str]:
+    """Register a live worker holding one task and a worker silent for two minutes holding
+    two; their ids by state."""
+    scripts = Scripts(redis_client, KEYS)
+    scripts.heartbeat("live-worker")
+    seconds, _ = redis_client.time()
+    redis_client.zadd(KEYS.workers, {"dead-worker": (seconds - 120) * 1000})
+    redis_client.lpush(KEYS.inflight("live-worker"), b"task-a")
+    redis_client.lpush(KEYS.inflight("dead-worker"), b"task-b", b"task-c")
+    return {"alive": "live-worker", "dead": "dead-worker"}
+
+
+@pytest.fixture
+def busy_queue(redis_url, redis_client, two_dead_letters):
+    """Three pending, one scheduled, two dead letters, a live and a dead worker."""
+    assert len(two_dead_letters) == 2
+    # The worker that made the dead letters may have left its registration behind (see
+    # test_a_stopped_worker_is_no_longer_listed): these tests want exactly their own two.
+    redis_client.delete(KEYS.workers)
+    with TaskProducer(redis_url, None, FAST, registry=CollectorRegistry()) as producer:
+        producer.enqueue_many([payload(n) for n in range(3)])
+    seconds, _ = redis_client.time()
+    redis_client.zadd(KEYS.scheduled, {b"retry-later": (seconds + 3600) * 1000})
+    return registered_workers(redis_client)
+
+
+def column_starts(line: str) -> list[int]:
+    return [match.start() for match in re.finditer(r"\S+", line)]
+
+
+class TestStats:
+    """``stats`` shows pending, scheduled, in flight per worker, dead letters, dead workers."""
+
+    @pytest.mark.usefixtures("busy_queue")
+    def test_json_snapshot_has_the_documented_keys_and_values(self, redis_url):
+        status, out = cli("--redis-url", redis_url, "stats", "--json")
+        assert status == Exit.OK
+        snapshot = json.loads(out)
+        assert set(snapshot) == {
+            "queue", "pending", "scheduled", "in_flight", "dead_letters", "workers", "dead_workers",
+        }  # fmt: skip
+        assert snapshot["queue"] == QUEUE
+        assert snapshot["pending"] == 3
+        assert snapshot["scheduled"] == 1
+        assert snapshot["in_flight"] == 3
+        assert snapshot["dead_letters"] == 2
+        assert snapshot["dead_workers"] == 1
+        workers = {w["worker_id"]: w for w in snapshot["workers"]}
+        for worker in workers.values():
+            assert set(worker) == {"worker_id", "in_flight", "heartbeat_age_s", "state"}
+        assert set(workers) == {"live-worker", "dead-worker"}
+        assert workers["live-worker"]["state"] == "alive"
+        assert workers["live-worker"]["in_flight"] == 1
+        assert 0 <= workers["live-worker"]["heartbeat_age_s"] < 10
+        assert workers["dead-worker"]["state"] == "dead"
+        assert workers["dead-worker"]["in_flight"] == 2
+        assert 119 <= workers["dead-worker"]["heartbeat_age_s"] < 130
+
+    @pytest.mark.usefixtures("busy_queue")
+    def test_table_output_is_aligned(self, redis_url):
+        status, out = cli("--redis-url", redis_url, "stats")
+        assert status == Exit.OK
+        summary_head, summary, blank, worker_head, *rows = out.splitlines()
+        assert summary_head.split() == [
+            "queue", "pending", "scheduled", "in_flight", "dead_letters", "workers", "dead_workers",
+        ]  # fmt: skip
+        assert summary.split() == [QUEUE, "3", "1", "3", "2", "2", "1"]
+        assert column_starts(summary) == column_starts(summary_head)
+        assert blank == ""
+        assert worker_head.split() == ["worker", "state", "in_flight", "heartbeat_age_s"]
+        by_worker = {row.split()[0]: row.split() for row in rows}
+        assert by_worker["dead-worker"][1:3] == ["dead", "2"]
+        assert by_worker["live-worker"][1:3] == ["alive", "1"]
+        for row in rows:
+            assert column_starts(row) == column_starts(worker_head)
+
+    def test_an_empty_queue_has_no_worker_table(self, redis_url):
+        status, out = cli("--redis-url", redis_url, "--queue", "empty", "stats")
+        assert status == Exit.OK
+        assert out.splitlines()[1].split() == ["empty", "0", "0", "0", "0", "0", "0"]
+        assert len(out.splitlines()) == 2
+
+    def test_a_running_worker_is_listed_alive(self, redis_url):
+        consumer = TaskConsumer(redis_url, None, echo, 3, FAST, registry=CollectorRegistry())
+        with running(consumer):
+
+            def listed():
+                snapshot = json.loads(cli("--redis-url", redis_url, "stats", "--json")[1])
+                return snapshot["workers"]
+
+            [worker] = wait_until(listed, what="the worker in stats")
+        assert worker["worker_id"] == consumer.worker_id
+        assert worker["state"] == "alive"
+        assert worker["in_flight"] == 0
+
+    def test_a_stopped_worker_is_no_longer_listed(self, redis_url, redis_client):
+        consumer = TaskConsumer(redis_url, None, echo, 1, FAST, registry=CollectorRegistry())
+        shutdown = consumer._shutdown
+
+        def shutdown_then_finish_slowly(runner, watcher) -> None:
+            shutdown(runner, watcher)  # gives the tasks back and deregisters the worker
+            # What follows (acker, pool) may take a moment; a watcher that still runs
+            # would heartbeat within it (FAST beats every 0.1 s). Give it a second.
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                if redis_client.zscore(KEYS.workers, consumer.worker_id) is not None:
+                    break
+                time.sleep(0.01)
+
+        consumer._shutdown = shutdown_then_finish_slowly
+        with running(consumer):
+            wait_until(lambda: redis_client.zscore(KEYS.workers, consumer.worker_id))
+        status, out = cli("--redis-url", redis_url, "stats", "--json")
+        assert status == Exit.OK
+        snapshot = json.loads(out)
+        assert snapshot["workers"] == []
+        assert snapshot["dead_workers"] == 0
+
+    def test_watch_prints_a_snapshot_every_interval(self, redis_url, monkeypatch):
+        naps: list[float] = []
+
+        class EnoughError(Exception):
+            pass
+
+        def sleep(seconds: float) -> None:
+            naps.append(seconds)
+            if len(naps) == 2:
+                raise EnoughError
+
+        monkeypatch.setattr("semibot_queue.cli.time", type("Clock", (), {"sleep": sleep}))
+        out = io.StringIO()
+        with pytest.raises(EnoughError):
+            main(["--redis-url", redis_url, "stats", "--json", "--watch", "0.25"], out=out)
+        assert naps == [0.25, 0.25]
+        snapshots = [json.loads(line) for line in out.getvalue().splitlines()]
+        assert [s["pending"] for s in snapshots] == [0, 0]
+
+    @pytest.mark.usefixtures("busy_queue")
+    def test_subprocess_json_from_the_environment(self, redis_url):
+        done = run(MODULE, "stats", "--json", env=cli_env(redis_url))
+        assert done.returncode == 0, done.stderr
+        snapshot = json.loads(done.stdout)
+        assert (snapshot["pending"], snapshot["dead_workers"]) == (3, 1)
+
+    def test_subprocess_watch_until_interrupted(self, redis_url, redis_client):
+        process = subprocess.Popen(
+            [*MODULE, "stats", "--json", "--watch", "0.1"],
+            env=cli_env(redis_url),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        lines: queue.Queue[str] = queue.Queue()
+        reader = threading.Thread(
+            target=lambda: [lines.put(line) for line in process.stdout], daemon=True
+        )
+        reader.start()
+        try:
+            first = json.loads(lines.get(timeout=30))
+            redis_client.lpush(KEYS.pending, b"{}")
+            second = json.loads(lines.get(timeout=30))
+            while second["pending"] == 0:  # a snapshot may have been taken before the push
+                second = json.loads(lines.get(timeout=30))
+            process.send_signal(signal.SIGINT)
+            _, err = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        assert first["pending"] == 0
+        assert second["pending"] == 1
+        assert "Traceback" not in err, err
+        assert process.returncode in (0, 130, -signal.SIGINT)
+
+
+# --- dlq ----------------------------------------------------------------------------
+
+
+class TestDeadLetterCommands:
+    """``dlq`` lists, shows, retries and deletes dead letters by task id."""
+
+    def test_list_is_a_table_newest_first(self, redis_url, two_dead_letters):
+        old, new = two_dead_letters
+        status, out = cli("--redis-url", redis_url, "dlq", "list")
+        assert status == Exit.OK
+        head, first, second, total = out.splitlines()
+        assert head.split() == ["task_id", "reason", "error", "attempts", "failed_at", "(UTC)"]
+        assert first.startswith(new)
+        assert second.startswith(old)
+        assert "permanent  PermanentTaskError: cannot handle task" in first
+        assert re.search(r"  1 +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$", first)
+        assert head.index("reason") == first.index("permanent")
+        assert total == "(2 shown of 2)"
+
+    def test_list_pages_with_limit_and_offset(self, redis_url, two_dead_letters):
+        old, _ = two_dead_letters
+        status, out = cli("--redis-url", redis_url, "dlq", "list", "--limit", "1", "--offset", "1")
+        assert status == Exit.OK
+        assert out.splitlines()[1].startswith(old)
+        assert out.splitlines()[-1] == "(1 shown of 2)"
+
+    def test_list_json_keeps_every_field(self, redis_url, two_dead_letters):
+        status, out = cli("--redis-url", redis_url, "dlq", "list", "--json")
+        assert status == Exit.OK
+        records = json.loads(out)
+        assert [r["task_id"] for r in records] == list(reversed(two_dead_letters))
+        record = records[0]
+        assert set(record) == {
+            "task_id", "reason", "error_type", "error", "traceback", "attempts",
+            "delivery_count", "enqueued_at", "failed_at", "worker_id", "message", "raw",
+            "raw_encoding",
+        }  # fmt: skip
+        assert record["reason"] == "permanent"
+        assert record["error_type"] == "PermanentTaskError"
+        assert "raise PermanentTaskError" in record["traceback"]
+        assert record["message"]["messages"] == [{"role": "user", "content": "question 1"}]
+        assert record["attempts"] == 1
+
+    def test_show_prints_each_field_and_the_traceback(self, redis_url, two_dead_letters):
+        task_id = two_dead_letters[0]
+        status, out = cli("--redis-url", redis_url, "dlq", "show", task_id)
+        assert status == Exit.OK
+        fields = {line.split()[0]: line for line in out.splitlines() if line[:1].strip()}
+        assert fields["task_id"].split() == ["task_id", task_id]
+        assert fields["reason"].split() == ["reason", "permanent"]
+        assert fields["error"].endswith(f"cannot handle task {task_id}")
+        assert fields["traceback"].split() == ["traceback", "|"]
+        traceback_lines = [line for line in out.splitlines() if line.lstrip().startswith("| ")]
+        assert traceback_lines[0].endswith("| Traceback (most recent call last):")
+        assert traceback_lines[-1].endswith(f"PermanentTaskError: cannot handle task {task_id}")
+        assert json.loads(fields["message"].split(None, 1)[1])["task_id"] == task_id
+
+    def test_a_task_kept_as_raw_bytes_is_shown_and_retried_as_such(self, redis_url, redis_client):
+        redis_client.lpush(KEYS.pending, b"not json at all")
+        consumer = TaskConsumer(redis_url, None, echo, 1, FAST, registry=CollectorRegistry())
+        with running(consumer):
+            wait_until(lambda: redis_client.hlen(KEYS.dead) == 1, what="the invalid task kept")
+        [record] = json.loads(cli("--redis-url", redis_url, "dlq", "list", "--json")[1])
+        assert record["reason"] == "invalid"
+        assert record["message"] is None
+        assert (record["raw"], record["raw_encoding"]) == ("not json at all", "utf-8")
+        status, out = cli("--redis-url", redis_url, "dlq", "show", record["task_id"])
+        assert status == Exit.OK
+        fields = {line.split()[0]: line.split(None, 1)[1] for line in out.splitlines()}
+        assert fields["raw"] == "not json at all"
+        assert fields["reason"] == "invalid"
+        assert cli("--redis-url", redis_url, "dlq", "retry", record["task_id"])[0] == Exit.OK
+        assert redis_client.lrange(KEYS.pending, 0, -1) == [b"not json at all"]
+
+    def test_a_record_without_a_failure_time_shows_a_dash(self):
+        record = DeadLetterRecord(task_id="t-1", reason="invalid", error_type="E", error="x")
+        out = io.StringIO()
+        print_dead_letters([record], 1, out)
+        assert out.getvalue().splitlines()[1].split()[-1] == "-"
+
+    def test_show_unknown_exits_4(self, redis_url, capsys):
+        status, out = cli("--redis-url", redis_url, "dlq", "show", "no-such-task")
+        assert status == Exit.NOT_FOUND == 4
+        assert out == ""
+        assert "no dead letter with task id 'no-such-task'" in error_line(capsys.readouterr().err)
+
+    def test_retry_puts_the_task_back_on_pending(self, redis_url, redis_client, two_dead_letters):
+        old, new = two_dead_letters
+        status, out = cli("--redis-url", redis_url, "dlq", "retry", old)
+        assert status == Exit.OK
+        assert out == f"{old} put back on pending\n"
+        [task] = pending(redis_client)
+        assert task["task_id"] == old
+        assert task["retry_count"] == 0
+        assert redis_client.hkeys(KEYS.dead) == [new.encode()]
+
+    def test_retry_unknown_exits_4(self, redis_url, capsys):
+        status, _ = cli("--redis-url", redis_url, "dlq", "retry", "no-such-task")
+        assert status == Exit.NOT_FOUND
+        error_line(capsys.readouterr().err)
+
+    def test_retry_into_a_full_queue_exits_6_and_keeps_the_record(
+        self, redis_url, redis_client, two_dead_letters, monkeypatch, capsys
+    ):
+        monkeypatch.setenv("SEMIBOT_QUEUE_MAX_QUEUE_LENGTH", "1")
+        monkeypatch.setenv("SEMIBOT_QUEUE_QUEUE_LENGTH_WARNING_THRESHOLD", "1")
+        redis_client.lpush(KEYS.pending, b"occupying the only place")
+        status, _ = cli("--redis-url", redis_url, "dlq", "retry", two_dead_letters[0])
+        assert status == Exit.FULL
+        assert "is full" in error_line(capsys.readouterr().err)
+        assert redis_client.hlen(KEYS.dead) == 2
+
+    def test_retry_all_puts_every_one_back(self, redis_url, redis_client, two_dead_letters):
+        status, out = cli("--redis-url", redis_url, "dlq", "retry-all")
+        assert status == Exit.OK
+        assert out == "2 dead letter(s) put back on pending\n"
+        assert [t["task_id"] for t in pending(redis_client)] == two_dead_letters
+        assert redis_client.hlen(KEYS.dead) == 0
+
+    def test_delete_with_yes(self, redis_url, redis_client, two_dead_letters, capsys):
+        old, new = two_dead_letters
+        status, out = cli("--redis-url", redis_url, "dlq", "delete", old, "--yes")
+        assert status == Exit.OK
+        assert out == f"{old} deleted\n"
+        assert redis_client.hkeys(KEYS.dead) == [new.encode()]
+        status, _ = cli("--redis-url", redis_url, "dlq", "delete", old, "--yes")
+        assert status == Exit.NOT_FOUND
+        error_line(capsys.readouterr().err)
+
+    def test_purge_with_yes_counts_what_it_deleted(self, redis_url, redis_client, two_dead_letters):
+        status, out = cli("--redis-url", redis_url, "dlq", "purge", "--yes")
+        assert status == Exit.OK
+        assert out == f"{len(two_dead_letters)} dead letter(s) deleted\n"
+        assert redis_client.hlen(KEYS.dead) == 0
+        again = cli("--redis-url", redis_url, "dlq", "purge", "--yes")
+        assert again == (Exit.OK, "0 dead letter(s) deleted\n")
+
+    def test_declined_on_a_terminal_exits_8_and_deletes_nothing(
+        self, redis_url, redis_client, two_dead_letters, monkeypatch, capsys
+    ):
+        asked = answer(monkeypatch, "n")
+        assert cli("--redis-url", redis_url, "dlq", "purge")[0] == Exit.DECLINED == 8
+        assert error_line(capsys.readouterr().err) == "semibot-queue: error: cancelled"
+        assert cli("--redis-url", redis_url, "dlq", "delete", two_dead_letters[0])[0] == 8
+        assert error_line(capsys.readouterr().err) == "semibot-queue: error: cancelled"
+        assert asked == [
+            f"delete every dead letter of {QUEUE}? [y/N] ",
+            f"delete dead letter {two_dead_letters[0]}? [y/N] ",
+        ]
+        assert redis_client.hlen(KEYS.dead) == 2
+
+    def test_confirmed_on_a_terminal_deletes(
+        self, redis_url, redis_client, two_dead_letters, monkeypatch
+    ):
+        asked = answer(monkeypatch, " Yes ")
+        status, out = cli("--redis-url", redis_url, "dlq", "delete", two_dead_letters[1])
+        assert status == Exit.OK
+        assert len(asked) == 1
+        assert out == f"{two_dead_letters[1]} deleted\n"
+        assert redis_client.hlen(KEYS.dead) == 1
+
+    @pytest.mark.usefixtures("two_dead_letters")
+    def test_yes_on_a_terminal_asks_nothing(self, redis_url, monkeypatch):
+        asked = answer(monkeypatch, "n")
+        assert cli("--redis-url", redis_url, "dlq", "purge", "--yes") == (
+            Exit.OK,
+            "2 dead letter(s) deleted\n",
+        )
+        assert asked == []
+
+    def test_queue_option_selects_the_queue(self, redis_url):
+        [task_id] = dead_letter(redis_url, 1, "ops:q")
+        status, out = cli("--redis-url", redis_url, "--queue", "ops:q", "dlq", "list", "--json")
+        assert status == Exit.OK
+        assert [r["task_id"] for r in json.loads(out)] == [task_id]
+        assert json.loads(cli("--redis-url", redis_url, "dlq", "list", "--json")[1]) == []
+
+    def test_subprocess_list_show_retry_delete_purge(self, launcher, redis_url, redis_client):
+        first, second, third = dead_letter(redis_url, 3)
+        env = cli_env(redis_url)
+        listed = run(launcher, "dlq", "list", "--json", env=env)
+        assert listed.returncode == 0, listed.stderr
+        assert [r["task_id"] for r in json.loads(listed.stdout)] == [third, second, first]
+        shown = run(launcher, "dlq", "show", first, env=env)
+        assert shown.returncode == 0
+        assert "| Traceback (most recent call last):" in shown.stdout
+        assert run(launcher, "dlq", "show", "nope", env=env).returncode == 4
+        assert (
+            run(launcher, "dlq", "retry", first, env=env).stdout == f"{first} put back on pending\n"
+        )
+        assert run(launcher, "dlq", "retry", "nope", env=env).returncode == 4
+        assert run(launcher, "dlq", "delete", second, "--yes", env=env).returncode == 0
+        purged = run(launcher, "dlq", "purge", "--yes", env=env)
+        assert purged.stdout == "1 dead letter(s) deleted\n"
+        assert [t["task_id"] for t in pending(redis_client)] == [first]
+
+    def test_subprocess_retry_all(self, redis_url, redis_client, two_dead_letters):
+        done = run(MODULE, "--redis-url", redis_url, "dlq", "retry-all", env=cli_env())
+        assert done.stdout == "2 dead letter(s) put back on pending\n"
+        assert [t["task_id"] for t in pending(redis_client)] == two_dead_letters
+
+
+# --- unreachable Redis ----------------------------------------------------------------
+
+
+class TestUnreachableRedis:
+    """An unreachable Redis is exit 3 with one clear line; ``--debug`` adds the traceback."""
+
+    def test_stats_exits_3_with_one_line(self, capsys):
+        status, out = cli("--redis-url", UNREACHABLE, "stats")
+        assert status == Exit.UNREACHABLE == 3
+        assert out == ""
+        line = error_line(capsys.readouterr().err)
+        assert UNREACHABLE in line
+        assert "Connection refused" in line
+
+    def test_debug_adds_the_traceback(self, capsys):
+        status, _ = cli("--debug", "--redis-url", UNREACHABLE, "stats")
+        assert status == Exit.UNREACHABLE
+        err = capsys.readouterr().err
+        assert err.startswith("Traceback (most recent call last):")
+        assert "QueueConnectionError" in err
+        assert err.splitlines()[-1].startswith("semibot-queue: error: cannot read stats from")
+
+    @pytest.mark.parametrize(
+        "argv",
+        [
+            ["enqueue", "--session-id", "s", "--agent-id", "a", "--org-id", "o"],
+            ["dlq", "list"],
+            ["dlq", "show", "t-1"],
+            ["dlq", "retry-all"],
+            ["dlq", "purge", "--yes"],
+        ],
+        ids=["enqueue", "dlq list", "dlq show", "dlq retry-all", "dlq purge"],
+    )
+    def test_every_command_exits_3(self, argv, monkeypatch, capsys):
+        for name, value in FAST_RECONNECT.items():
+            monkeypatch.setenv(name, value)
+        status, out = cli("--redis-url", UNREACHABLE, *argv)
+        assert status == Exit.UNREACHABLE
+        assert out == ""
+        assert "unreachable after 2 attempts" in error_line(capsys.readouterr().err)
+
+    def test_a_worker_gives_up_with_exit_3(self, monkeypatch, capsys):
+        for name, value in FAST_RECONNECT.items():
+            monkeypatch.setenv(name, value)
+        status, _ = cli("--redis-url", UNREACHABLE, "worker", "cli_handlers:echo")
+        assert status == Exit.UNREACHABLE
+        err = capsys.readouterr().err
+        assert "worker giving up" in err
+        assert "Traceback" not in err
+
+    @pytest.mark.parametrize(
+        "argv",
+        [
+            ["stats"],
+            ["dlq", "list"],
+            ["enqueue", "--session-id", "s", "--agent-id", "a", "--org-id", "o"],
+        ],
+        ids=["stats", "dlq list", "enqueue"],
+    )
+    def test_subprocess_prints_exactly_one_line(self, argv):
+        done = run(MODULE, "--redis-url", UNREACHABLE, *argv, env=cli_env(**FAST_RECONNECT))
+        assert done.returncode == 3
+        assert done.stdout == ""
+        assert "127.0.0.1:1" in error_line(done.stderr)
+
+    @pytest.mark.parametrize("argv", [["stats"], ["dlq", "list"]], ids=["stats", "dlq list"])
+    def test_the_password_in_the_url_is_never_printed(self, argv, monkeypatch, capsys):
+        for name, value in FAST_RECONNECT.items():
+            monkeypatch.setenv(name, value)
+        status, _ = cli("--redis-url", "redis://ops:s3cret@127.0.0.1:1/0", *argv)
+        assert status == Exit.UNREACHABLE
+        line = error_line(capsys.readouterr().err)
+        assert "s3cret" not in line
+        assert "ops:***@127.0.0.1:1" in line
+
+
+# --- worker ---------------------------------------------------------------------------
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples of a ``/metrics`` endpoint by (name, sorted labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def serving(port: int):
+    try:
+        return scrape(port)
+    except (urllib.error.URLError, ConnectionError):
+        return None
+
+
+class TestWorker:
+    """``worker MODULE:FUNCTION`` refuses a bad handler with exit 5 and serves metrics."""
+
+    @pytest.mark.parametrize(
+        ("spec", "says"),
+        [
+            ("no_colon", "is not of the form MODULE:FUNCTION"),
+            ("cli_handlers:", "is not of the form MODULE:FUNCTION"),
+            (":echo", "is not of the form MODULE:FUNCTION"),
+            ("nonexistent_module_xyz:f", "cannot import 'nonexistent_module_xyz'"),
+            ("cli_handlers:NOT_CALLABLE", "has no callable 'NOT_CALLABLE'"),
+            ("cli_handlers:missing", "has no callable 'missing'"),
+        ],
+    )
+    def test_a_bad_handler_exits_5(self, spec, says, redis_url, capsys):
+        status, _ = cli("--redis-url", redis_url, "worker", spec)
+        assert status == Exit.INVALID
+        assert says in error_line(capsys.readouterr().err)
+
+    def test_a_relative_module_path_exits_5(self, redis_url, capsys):
+        status, _ = cli("--redis-url", redis_url, "worker", ".handlers:run")
+        assert status == Exit.INVALID
+        assert "'.handlers'" in error_line(capsys.readouterr().err)
+
+    def test_a_handler_module_that_does_not_compile_exits_5(
+        self, redis_url, tmp_path, monkeypatch, capsys
+    ):
+        (tmp_path / "broken_handlers.py").write_text("def run(message:\n")
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        status, _ = cli("--redis-url", redis_url, "worker", "broken_handlers:run")
+        assert status == Exit.INVALID
+        assert "broken_handlers" in error_line(capsys.readouterr().err)
+
+    def test_handler_modules_are_found_in_the_current_directory(
+        self, redis_url, tmp_path, monkeypatch, capsys
+    ):
+        (tmp_path / "beside_caller.py").write_text("NOT_A_HANDLER = 1\n")
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+        importlib.invalidate_caches()
+        try:
+            status, _ = cli("--redis-url", redis_url, "worker", "beside_caller:NOT_A_HANDLER")
+        finally:
+            sys.modules.pop("beside_caller", None)
+        assert status == Exit.INVALID
+        # imported from the current directory, then refused: not "cannot import"
+        assert "'beside_caller' has no callable 'NOT_A_HANDLER'" in error_line(
+            capsys.readouterr().err
+        )
+
+    def test_an_unknown_log_level_is_a_usage_error(self, redis_url, capsys):
+        try:
+            status, _ = cli(
+                "--redis-url", redis_url, "worker", "cli_handlers:echo", "--log-level", "LOUD"
+            )
+        except SystemExit as exc:  # argparse refusing it is fine too
+            status = exc.code
+        assert status == Exit.USAGE
+        assert "LOUD" in capsys.readouterr().err.splitlines()[-1]
+
+    def test_subprocess_bad_handler_exits_5(self, redis_url):
+        done = run(MODULE, "worker", "nonexistent_module_xyz:f", env=cli_env(redis_url))
+        assert done.returncode == 5
+        assert "cannot import 'nonexistent_module_xyz'" in error_line(done.stderr)
+
+    def test_subprocess_unreachable_redis_exits_3(self):
+        done = run(
+            MODULE, "--redis-url", UNREACHABLE, "worker", "cli_handlers:echo",
+            env=cli_env(**FAST_RECONNECT),
+        )  # fmt: skip
+        assert done.returncode == 3
+        assert "worker giving up" in done.stderr
+
+    def test_subprocess_gives_back_a_running_task_and_exits_on_sigterm(
+        self, redis_url, redis_client, tmp_path
+    ):
+        log_path = tmp_path / "worker.log"
+        env = cli_env(redis_url, SEMIBOT_QUEUE_SHUTDOWN_TIMEOUT="0.2")
+        with log_path.open("w") as log:
+            process = subprocess.Popen(
+                [*MODULE, "worker", "cli_handlers:hang"], env=env, stdout=log, stderr=log
+            )
+        try:
+            with TaskProducer(redis_url, None, FAST, registry=CollectorRegistry()) as producer:
+                task_id = producer.enqueue(payload(0))
+            wait_until(lambda: redis_client.llen(KEYS.pending) == 0, 30, "the task taken")
+            process.send_signal(signal.SIGTERM)
+            status = process.wait(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        log_text = log_path.read_text()
+        assert status == 0, log_text
+        assert f"task {task_id} still running at shutdown; given back to pending" in log_text
+        [back] = redis_client.lrange(KEYS.pending, 0, -1)
+        assert task_id_of(back) == task_id
+
+    def test_subprocess_serves_metrics_and_exits_0_on_sigterm(self, launcher, redis_url, tmp_path):
+        port = free_port()
+        log_path = tmp_path / "worker.log"
+        with log_path.open("w") as log:
+            process = subprocess.Popen(
+                [*launcher, "worker", "cli_handlers:echo", "--metrics-port", str(port),
+                 "--concurrency", "2"],
+                env=cli_env(redis_url),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        try:
+            wait_until(lambda: process.poll() is None and serving(port), 30, "/metrics")
+            with TaskProducer(redis_url, None, FAST, registry=CollectorRegistry()) as producer:
+                ids = producer.enqueue_many([payload(n) for n in range(3)])
+                results = [producer.wait_for_result(task_id, timeout=10) for task_id in ids]
+            assert [r.status for r in results if r is not None] == ["succeeded"] * 3
+            labels = (("queue", QUEUE),)
+            samples = wait_until(
+                lambda: (
+                    (s := scrape(port)) and s[("semibot_queue_concurrent_tasks", labels)] == 0 and s
+                ),
+                what="the handlers to return",
+            )
+            process.send_signal(signal.SIGTERM)
+            status = process.wait(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        log_text = log_path.read_text()
+        assert status == 0, log_text
+        succeeded = (("queue", QUEUE), ("status", "succeeded"))
+        assert samples[("semibot_queue_tasks_processed_total", succeeded)] == 3
+        assert samples[("semibot_queue_task_duration_seconds_count", labels)] == 3
+        assert samples[("semibot_queue_retries_total", labels)] == 0
+        # Producer-side counters live in the producer's process, not the worker's.
+        assert samples[("semibot_queue_enqueued_total", labels)] == 0
+        assert f"metrics on http://127.0.0.1:{port}/metrics" in log_text
+        assert "Traceback" not in log_text
+
+
+# --- demo -----------------------------------------------------------------------------
+
+
+class TestDemo:
+    """``demo`` runs producer and worker end to end; every task succeeds."""
+
+    def test_on_embedded_fakeredis(self):
+        status, out = cli("demo", "--tasks", "8")
+        assert status == Exit.OK, out
+        lines = out.splitlines()
+        assert (
+            lines[0]
+            == "semibot-queue demo: 8 agent tasks on embedded fakeredis, queue 'agent:tasks'"
+        )
+        assert len(lines) == 10
+        assert sum(" succeeded " in line for line in lines[1:-1]) == 8
+        assert re.fullmatch(
+            r"summary: 8/8 succeeded, 2 needed a retry, \d+\.\d\ds end to end", lines[-1]
+        )
+        retried = [line for line in lines[1:-1] if "attempts=2" in line]
+        assert len(retried) == 2
+
+    def test_against_a_real_redis(self, redis_url, redis_client):
+        status, out = cli("--redis-url", redis_url, "--queue", "demo:q", "demo", "--tasks", "5")
+        assert status == Exit.OK, out
+        assert f"5 agent tasks on {redis_url}, queue 'demo:q'" in out.splitlines()[0]
+        assert out.splitlines()[-1].startswith("summary: 5/5 succeeded")
+        demo_keys = KeySpace("demo:q")
+        assert redis_client.llen(demo_keys.pending) == 0
+        assert redis_client.hlen(demo_keys.dead) == 0
+        assert redis_client.zcard(demo_keys.workers) == 0
+
+    def test_subprocess(self, launcher):
+        done = run(launcher, "demo", "--tasks", "6", env=cli_env())
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[-1].startswith("summary: 6/6 succeeded, 2 needed a retry")
+
+    def test_subprocess_against_a_real_redis(self, redis_url):
+        done = run(MODULE, "--redis-url", redis_url, "demo", "--tasks", "4", env=cli_env())
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[-1].startswith("summary: 4/4 succeeded")
