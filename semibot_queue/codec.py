@@ -60,16 +60,28 @@ class Codec:
 
     # --- tasks ---------------------------------------------------------------
 
+    def encode_new(self, payload: TaskPayload, enqueued_at: float) -> bytes:
+        """JSON bytes of the never-delivered TaskMessage of ``payload``.
+
+        The same bytes as ``encode_message(TaskMessage.from_payload(...))``, without
+        building and validating that message again: the payload was validated when made.
+        """
+        data = self._converter.unstructure(payload)
+        data.update(enqueued_at=enqueued_at, retry_count=0, delivery_count=0, last_error=None)
+        return self._encode_task(data, payload.task_id)
+
     def encode_message(self, message: TaskMessage) -> bytes:
         """JSON bytes of ``message``; refuses what is not JSON or is too large."""
-        data = self._converter.unstructure(message)
+        return self._encode_task(self._converter.unstructure(message), message.task_id)
+
+    def _encode_task(self, data: dict[str, Any], task_id: str) -> bytes:
         try:
             raw = _dumps(data)
         except (TypeError, ValueError) as exc:
             raise InvalidTaskError(_unserialisable(data, exc)) from None
         if len(raw) > self._max_payload_bytes:
             raise InvalidTaskError(
-                f"task {message.task_id}: encoded size {len(raw)} bytes exceeds"
+                f"task {task_id}: encoded size {len(raw)} bytes exceeds"
                 f" MAX_PAYLOAD_BYTES ({self._max_payload_bytes})"
             )
         return raw

@@ -17,7 +17,7 @@ from semibot_queue.constants import DEFAULT_REDIS_URL, MAX_TRACKED_SESSIONS
 from semibot_queue.errors import InvalidTaskError, QueueError, QueueFullError
 from semibot_queue.keys import KeySpace
 from semibot_queue.metrics import Metrics
-from semibot_queue.models import TaskMessage, TaskPayload, TaskResult
+from semibot_queue.models import TaskPayload, TaskResult
 from semibot_queue.scripts import Scripts
 from semibot_queue.settings import QueueSettings
 
@@ -151,8 +151,7 @@ class TaskProducer:
             raise InvalidTaskError(
                 f"payload #{index}: expected a TaskPayload, got {type(payload).__name__}"
             )
-        self.keys.result(payload.task_id)  # refuses a task id unfit for a key name
-        return self._codec.encode_message(TaskMessage.from_payload(payload, now))
+        return self._codec.encode_new(payload, now)
 
     def _remember(self, payload: TaskPayload) -> None:
         self._sessions[payload.task_id] = payload.session_id

@@ -541,6 +541,16 @@ class TestCodecRoundTrips:
 
     @timing_free
     @given(messages)
+    def test_a_new_task_encodes_as_its_never_delivered_message(self, original: TaskMessage) -> None:
+        fields = {name: getattr(original, name) for name in attrs.fields_dict(TaskPayload)}
+        payload = TaskPayload(**fields)
+        expected = TaskMessage.from_payload(payload, original.enqueued_at)
+        assert self.codec.encode_new(payload, original.enqueued_at) == (
+            self.codec.encode_message(expected)
+        )
+
+    @timing_free
+    @given(messages)
     def test_encoded_tasks_are_compact_utf8_json_objects(self, original: TaskMessage) -> None:
         raw = self.codec.encode_message(original)
         data = json.loads(raw.decode("utf-8"))
