@@ -88,8 +88,6 @@ class Acker:
         except Exception:  # pragma: no cover - a bug here must not strand the slots
             log.exception("queue %s: acking %d task(s) failed", self._runner.keys.queue, len(batch))
         finally:
-            for delivery, _ in batch:
-                self._slots.finish(delivery.stored)
-            self._slots.fill(take, taken)
+            self._slots.swap([delivery.stored for delivery, _ in batch], take, taken)
         if taken:
             self._dispatch(taken)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import random
 import signal
 import socket
@@ -41,6 +42,14 @@ from semibot_queue.slots import Slots
 from semibot_queue.watcher import Watcher
 
 log = logging.getLogger("semibot_queue.consumer")
+
+
+def _putter(ready: queue.SimpleQueue[bytes | None]) -> Callable[[list[bytes]], None]:
+    def dispatch(batch: list[bytes]) -> None:
+        for stored in batch:
+            ready.put(stored)
+
+    return dispatch
 
 
 def new_worker_id() -> str:
@@ -169,10 +178,11 @@ class TaskConsumer:
         self._install_signal_handlers()
         runner, client = self._runner, self._client
         self._slots = Slots(self.max_concurrent)
+        ready: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         executor = ThreadPoolExecutor(self.max_concurrent, f"semibot-queue-{self.worker_id}")
-        acker = Acker(
-            runner, self._slots, self._dispatcher(executor, runner), self._stopping, self._resync
-        )
+        for _ in range(self.max_concurrent):
+            executor.submit(self._work, runner, ready)
+        acker = Acker(runner, self._slots, _putter(ready), self._stopping, self._resync)
         self._acker = acker
         watcher = Watcher(
             worker_id=self.worker_id,
@@ -195,14 +205,16 @@ class TaskConsumer:
                 self.max_concurrent,
                 extra={"queue": self.keys.queue, "worker_id": self.worker_id},
             )
-            self._loop(client, runner, self._dispatcher(executor, runner))
+            self._loop(client, runner, _putter(ready))
         finally:
             try:
                 self._shutdown(runner, watcher)
             finally:
                 acker.stop()
                 watcher.stop()
-                executor.shutdown(wait=False, cancel_futures=True)
+                for _ in range(self.max_concurrent):
+                    ready.put(None)  # each pool thread ends after its current task
+                executor.shutdown(wait=False)
                 self._stopping.clear()
                 self._finished.set()
 
@@ -289,14 +301,11 @@ class TaskConsumer:
             extra={"queue": self.keys.queue, "worker_id": self.worker_id},
         )
 
-    def _dispatcher(
-        self, executor: ThreadPoolExecutor, runner: TaskRunner
-    ) -> Callable[[list[bytes]], None]:
-        def dispatch(batch: list[bytes]) -> None:
-            for stored in batch:
-                executor.submit(self._run, runner, stored)
-
-        return dispatch
+    def _work(self, runner: TaskRunner, ready: queue.SimpleQueue[bytes | None]) -> None:
+        # One long-lived loop per pool thread: a task handed over costs a queue put, not
+        # a Future (the acker hands over several per round trip).
+        while (stored := ready.get()) is not None:
+            self._run(runner, stored)
 
     def _run(self, runner: TaskRunner, stored: bytes) -> None:
         try:

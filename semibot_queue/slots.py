@@ -43,10 +43,19 @@ class Slots:
 
     def finish(self, stored: bytes) -> None:
         """Free the slot of ``stored``: its outcome is recorded (or given up)."""
+        self.swap([stored], 0, [])
+
+    def swap(self, finished: list[bytes], reserved: int, taken: list[bytes]) -> None:
+        """Free the slots of ``finished`` and turn ``reserved`` reservations into ``taken``,
+        at once (the acker's round trip does both)."""
         with self._changed:
-            self._running[stored] -= 1
-            if self._running[stored] <= 0:
-                del self._running[stored]
+            for stored in finished:
+                self._running[stored] -= 1
+                if self._running[stored] <= 0:
+                    del self._running[stored]
+            self._reserved -= reserved
+            for stored in taken:
+                self._running[stored] += 1
             self._changed.notify_all()
 
     def wait_free(self, timeout: float) -> bool:

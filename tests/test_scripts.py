@@ -184,7 +184,8 @@ class TestScriptConnections:
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
         scripts.enqueue([task(1)], max_length=10)
-        assert redis_client.client_kill_filter(_type="normal", skipme=True) == 1
+        # Other tests may leave idle clients on the shared server: ours is among those killed.
+        assert redis_client.client_kill_filter(_type="normal", skipme=True) >= 1
         with pytest.raises(redis.ConnectionError):
             scripts.enqueue([task(2)], max_length=10)
         assert scripts.enqueue([task(3)], max_length=10) == 2
