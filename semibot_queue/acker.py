@@ -83,11 +83,14 @@ class Acker:
     def _flush(self, batch: list[tuple[Delivery, bytes]]) -> None:
         take = 0 if self._stopping.is_set() else self._slots.reserve(freed=len(batch))
         taken: list[bytes] = []
-        try:
-            taken = self._runner.ack_batch(batch, take, self._resync.set)
-        except Exception:  # pragma: no cover - a bug here must not strand the slots
-            log.exception("queue %s: acking %d task(s) failed", self._runner.keys.queue, len(batch))
-        finally:
-            self._slots.swap([delivery.stored for delivery, _ in batch], take, taken)
+        with self._slots.taking:
+            try:
+                taken = self._runner.ack_batch(batch, take, self._resync.set)
+            except Exception:  # pragma: no cover - a bug here must not strand the slots
+                log.exception(
+                    "queue %s: acking %d task(s) failed", self._runner.keys.queue, len(batch)
+                )
+            finally:
+                self._slots.swap([delivery.stored for delivery, _ in batch], take, taken)
         if taken:
             self._dispatch(taken)

@@ -106,7 +106,7 @@ class Codec:
         data = _loads(body)
         if isinstance(data, dict):
             previous = data.get("delivery_count", 0)
-            if isinstance(previous, int) and not isinstance(previous, bool):
+            if isinstance(previous, int) and not isinstance(previous, bool) and previous >= 0:
                 data["delivery_count"] = previous + lost + 1
         return self._structure(data, TaskMessage)
 

@@ -11,7 +11,7 @@ import random
 import re
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar, cast
 from urllib.parse import urlsplit
 
 import redis
@@ -22,10 +22,14 @@ from semibot_queue.settings import QueueSettings
 
 T = TypeVar("T")
 
-if TYPE_CHECKING:
-    Client = redis.Redis[bytes]
-else:
-    Client = redis.Redis
+#: The client type; built with ``decode_responses=False``, so replies are bytes.
+Client = redis.Redis
+
+
+def as_bytes(reply: object) -> bytes:
+    """A reply of our client, which never decodes, typed as the bytes it is."""
+    return cast("bytes", reply)
+
 
 log = logging.getLogger("semibot_queue.connection")
 

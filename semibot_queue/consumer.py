@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 from semibot_queue.acker import Acker
 from semibot_queue.backoff import Random
 from semibot_queue.codec import Codec, task_id_of
-from semibot_queue.connection import TRANSIENT, Client, Reconnector, make_client
+from semibot_queue.connection import TRANSIENT, Client, Reconnector, as_bytes, make_client
 from semibot_queue.errors import QueueError
 from semibot_queue.keys import KeySpace
 from semibot_queue.metrics import Metrics
@@ -273,15 +273,21 @@ class TaskConsumer:
         batch = scripts.fetch(self.inflight, free)
         if batch:
             return batch
-        one = client.blmove(
-            self.keys.pending, self.inflight, self.settings.blocking_timeout, "RIGHT", "LEFT"
-        )
-        return [] if one is None else [cast("bytes", one)]
+        # BLMOVE takes a float timeout (Redis 6+); redis-py's signature says int.
+        timeout = cast("int", self.settings.blocking_timeout)
+        one = client.blmove(self.keys.pending, self.inflight, timeout, "RIGHT", "LEFT")
+        return [] if one is None else [as_bytes(one)]
 
     def _orphans(self, client: Client, free: int) -> list[bytes]:
         """Up to ``free`` tasks of our in-flight list that no thread runs: taken by a call
         whose reply was lost. Clears the resync flag once none are left over."""
-        missing = self._slots.missing(client.lrange(self.inflight, 0, -1))
+        if not self._slots.taking.acquire(timeout=self.settings.blocking_timeout):
+            return []  # the acker is mid-call; look again on the next turn
+        try:
+            present = cast("list[bytes]", client.lrange(self.inflight, 0, -1))
+            missing = self._slots.missing(present)
+        finally:
+            self._slots.taking.release()
         if len(missing) <= free:
             self._resync.clear()
         return missing[:free]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import base64
 import logging
 from functools import partial
+from typing import cast
 
 import attrs
 
 from semibot_queue.codec import Codec, split_redelivery
-from semibot_queue.connection import Client, Reconnector, make_client
+from semibot_queue.connection import Client, Reconnector, as_bytes, make_client
 from semibot_queue.errors import InvalidTaskError, QueueError, QueueFullError
 from semibot_queue.keys import KeySpace
 from semibot_queue.models import DeadLetterRecord, RawEncoding
@@ -80,8 +81,13 @@ class DeadLetterQueue:
             return []
 
         def read() -> list[bytes | None]:
-            ids = self._client.zrevrange(self.keys.dead_index, offset, offset + limit - 1)
-            return list(self._client.hmget(self.keys.dead, ids)) if ids else []
+            ids: list[bytes] = cast(
+                "list[bytes]",
+                self._client.zrevrange(self.keys.dead_index, offset, offset + limit - 1),
+            )
+            return (
+                cast("list[bytes | None]", self._client.hmget(self.keys.dead, ids)) if ids else []
+            )
 
         raws = self._retry.call("dlq list", read)
         # An id evicted between the two reads has no record: skip it.
@@ -90,7 +96,7 @@ class DeadLetterQueue:
     def get(self, task_id: str) -> DeadLetterRecord | None:
         """The record of ``task_id``, or None."""
         raw = self._retry.call("dlq get", lambda: self._client.hget(self.keys.dead, task_id))
-        return None if raw is None else self._decode(raw)
+        return None if raw is None else self._decode(as_bytes(raw))
 
     def retry(self, task_id: str) -> bool:
         """Put ``task_id`` back on pending with its retry count reset; False if unknown.
@@ -98,9 +104,10 @@ class DeadLetterQueue:
         Raises QueueFullError (record kept) when the pending list is full.
         """
         for _ in range(self.settings.max_reconnect_attempts):
-            seen = self._retry.call("dlq get", lambda: self._client.hget(self.keys.dead, task_id))
-            if seen is None:
+            reply = self._retry.call("dlq get", lambda: self._client.hget(self.keys.dead, task_id))
+            if reply is None:
                 return False
+            seen = as_bytes(reply)
             task = self._replay(self._decode(seen))
             limit = self.settings.max_queue_length
             moved = self._retry.call(
@@ -126,7 +133,7 @@ class DeadLetterQueue:
         """Retry every dead letter (oldest first) until done or the queue is full; how many."""
         ids = self._retry.call("dlq ids", lambda: self._client.zrange(self.keys.dead_index, 0, -1))
         moved = 0
-        for raw_id in ids:
+        for raw_id in cast("list[bytes]", ids):
             if self.retry(raw_id.decode()):
                 moved += 1
         return moved

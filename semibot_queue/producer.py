@@ -12,7 +12,7 @@ from types import TracebackType
 from prometheus_client import CollectorRegistry
 
 from semibot_queue.codec import Codec
-from semibot_queue.connection import TRANSIENT, Client, Reconnector, make_client
+from semibot_queue.connection import TRANSIENT, Client, Reconnector, as_bytes, make_client
 from semibot_queue.constants import DEFAULT_REDIS_URL, MAX_TRACKED_SESSIONS
 from semibot_queue.errors import InvalidTaskError, QueueError, QueueFullError
 from semibot_queue.keys import KeySpace
@@ -188,7 +188,7 @@ class TaskProducer:
         session: str | None,
         deadline: float,
     ) -> TaskResult | None:
-        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         try:
             if session is not None:
                 pubsub.subscribe(self.keys.result_channel(session))
@@ -196,7 +196,7 @@ class TaskProducer:
                 pubsub.psubscribe(self.keys.result_channel_pattern)
             stored = client.get(result_key)
             if stored is not None:
-                return self._codec.decode_result(stored)
+                return self._codec.decode_result(as_bytes(stored))
             while (left := deadline - time.monotonic()) > 0:
                 message = pubsub.get_message(
                     timeout=min(left, self.settings.pubsub_message_timeout)

@@ -20,6 +20,9 @@ class Slots:
         self._running: Counter[bytes] = Counter()
         self._reserved = 0
         self._changed = threading.Condition()
+        #: Held by the acker from its Redis call until the tasks it took hold slots, and by
+        #: the orphan search: tasks in flight in Redis but not yet held are not orphans.
+        self.taking = threading.Lock()
 
     def _free(self) -> int:
         return self.size - sum(self._running.values()) - self._reserved

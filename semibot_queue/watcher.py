@@ -11,11 +11,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import cast
 
 import attrs
 
 from semibot_queue.codec import Codec
-from semibot_queue.connection import TRANSIENT, Client
+from semibot_queue.connection import TRANSIENT, Client, as_bytes
 from semibot_queue.constants import WATCHER_TICK
 from semibot_queue.dead_letter import raw_bytes
 from semibot_queue.keys import KeySpace
@@ -104,7 +105,9 @@ class Watcher:
         """Workers whose last heartbeat is older than WORKER_DEAD_AFTER, on the Redis clock."""
         seconds, micros = self.client.time()
         cutoff_ms = seconds * 1000 + micros // 1000 - int(self.settings.worker_dead_after * 1000)
-        ids = self.client.zrangebyscore(self.keys.workers, "-inf", f"({cutoff_ms}")
+        ids = cast(
+            "list[bytes]", self.client.zrangebyscore(self.keys.workers, "-inf", f"({cutoff_ms}")
+        )
         return [raw.decode() for raw in ids if raw.decode() != self.worker_id]
 
     def recover_dead_workers(self) -> int:
@@ -156,7 +159,7 @@ class Watcher:
         raw = self.client.hget(self.keys.dead, task_id)
         if raw is None:
             return
-        record = self.codec.decode_record(raw)
+        record = self.codec.decode_record(as_bytes(raw))
         try:
             message = self.codec.decode_message(raw_bytes(record))
         except Exception:  # noqa: BLE001 - an unparseable poison task has no session to tell

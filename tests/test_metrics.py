@@ -74,33 +74,35 @@ def watcher_of(client, metrics: Metrics, settings: QueueSettings = FAST) -> Watc
     )
 
 
+@pytest.fixture(scope="module")
+def outcome(redis_server):
+    """The metrics after the known sequence, computed once for the class below."""
+    redis_server.flushall()
+    registry = CollectorRegistry()
+    kinds = ["ok"] * 7 + ["flaky"] * 3 + ["permanent"] * 2
+    with TaskProducer(redis_server.url, QUEUE, SETTINGS, registry=registry) as producer:
+        ids = producer.enqueue_many(
+            [payload(n, metadata={"kind": kind}) for n, kind in enumerate(kinds)]
+        )
+        for n in range(5):
+            with pytest.raises(QueueFullError):
+                producer.enqueue(payload(100 + n))
+        before = {
+            "enqueued": value(registry, "semibot_queue_enqueued_total"),
+            "rejected": value(registry, "semibot_queue_rejected_total"),
+            "length": value(registry, "semibot_queue_length"),
+        }
+        consumer = TaskConsumer(
+            redis_server.url, QUEUE, by_kind, 4, SETTINGS, registry=registry, rand=lambda: 0.5
+        )
+        with running(consumer):
+            results = [producer.wait_for_result(task_id, timeout=15) for task_id in ids]
+    # running() returned after stop(): every handler has returned, every outcome counted.
+    return registry, before, results
+
+
 class TestAKnownSequence:
     """12 accepted (7 fine, 3 failing once, 2 refused for good) and 5 rejected as full."""
-
-    @pytest.fixture(scope="class")
-    def outcome(self, redis_server):
-        redis_server.flushall()
-        registry = CollectorRegistry()
-        kinds = ["ok"] * 7 + ["flaky"] * 3 + ["permanent"] * 2
-        with TaskProducer(redis_server.url, QUEUE, SETTINGS, registry=registry) as producer:
-            ids = producer.enqueue_many(
-                [payload(n, metadata={"kind": kind}) for n, kind in enumerate(kinds)]
-            )
-            for n in range(5):
-                with pytest.raises(QueueFullError):
-                    producer.enqueue(payload(100 + n))
-            before = {
-                "enqueued": value(registry, "semibot_queue_enqueued_total"),
-                "rejected": value(registry, "semibot_queue_rejected_total"),
-                "length": value(registry, "semibot_queue_length"),
-            }
-            consumer = TaskConsumer(
-                redis_server.url, QUEUE, by_kind, 4, SETTINGS, registry=registry, rand=lambda: 0.5
-            )
-            with running(consumer):
-                results = [producer.wait_for_result(task_id, timeout=15) for task_id in ids]
-        # running() returned after stop(): every handler has returned, every outcome counted.
-        return registry, before, results
 
     def test_the_results_are_as_planned(self, outcome):
         _, _, results = outcome
