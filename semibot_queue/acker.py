@@ -83,14 +83,23 @@ class Acker:
     def _flush(self, batch: list[tuple[Delivery, bytes]]) -> None:
         take = 0 if self._stopping.is_set() else self._slots.reserve(freed=len(batch))
         taken: list[bytes] = []
+        held = [take]
+
+        def lost_reply() -> None:
+            # The call is being repeated with nothing to take: free the reserved slots
+            # now, not after an outage that may last until shutdown.
+            self._resync.set()
+            self._slots.fill(held[0], [])
+            held[0] = 0
+
         with self._slots.taking:
             try:
-                taken = self._runner.ack_batch(batch, take, self._resync.set)
+                taken = self._runner.ack_batch(batch, take, lost_reply)
             except Exception:  # pragma: no cover - a bug here must not strand the slots
                 log.exception(
                     "queue %s: acking %d task(s) failed", self._runner.keys.queue, len(batch)
                 )
             finally:
-                self._slots.swap([delivery.stored for delivery, _ in batch], take, taken)
+                self._slots.swap([delivery.stored for delivery, _ in batch], held[0], taken)
         if taken:
             self._dispatch(taken)

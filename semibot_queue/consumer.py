@@ -30,7 +30,7 @@ from semibot_queue.acker import Acker
 from semibot_queue.backoff import Random
 from semibot_queue.codec import Codec, task_id_of
 from semibot_queue.connection import TRANSIENT, Client, Reconnector, as_bytes, make_client
-from semibot_queue.errors import QueueError
+from semibot_queue.errors import QueueConnectionError, QueueError
 from semibot_queue.keys import KeySpace
 from semibot_queue.metrics import Metrics
 from semibot_queue.models import TaskResult
@@ -100,6 +100,7 @@ class TaskConsumer:
         self._stopping = threading.Event()
         self._hurry = threading.Event()
         self._give_up = threading.Event()
+        self._redis_lost = threading.Event()
         #: Set when tasks may sit in our in-flight list that no thread runs (a lost reply).
         self._resync = threading.Event()
         self._finished = threading.Event()
@@ -138,6 +139,7 @@ class TaskConsumer:
             metrics=self.metrics,
             reconnect=self._reconnect,
             give_up=self._give_up,
+            redis_lost=self._redis_lost,
             rand=self._rand,
         )
         self._warn_if_evicting(client)
@@ -173,6 +175,7 @@ class TaskConsumer:
             raise QueueError("consumer failed to connect")
         self._hurry.clear()
         self._give_up.clear()
+        self._redis_lost.clear()
         self._finished.clear()
         self.unfinished = []
         self._install_signal_handlers()
@@ -249,6 +252,11 @@ class TaskConsumer:
     ) -> None:
         failures = 0
         while not self._stopping.is_set():
+            if self._redis_lost.is_set():
+                raise QueueConnectionError(
+                    f"Redis at {self._reconnect.url} unreachable after"
+                    f" {self.settings.max_reconnect_attempts} attempts (recording outcomes)"
+                )
             free = self._slots.reserve()
             if free == 0:
                 self._wait_for_slot()

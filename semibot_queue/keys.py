@@ -107,6 +107,10 @@ class KeySpace:
         """Prefix of stored results; a script appends the task id."""
         return f"{self._tag}:result:"
 
+    def accepted(self, task_id: str) -> str:
+        """Marker that ``task_id`` was enqueued, so that a repeated enqueue is a no-op."""
+        return f"{self._tag}:accepted:" + validate_name(task_id, "task id")
+
     def result(self, task_id: str) -> str:
         """String holding the JSON result of ``task_id`` for RESULT_TTL seconds."""
         return self.result_key_prefix + validate_name(task_id, "task id")

@@ -112,10 +112,14 @@ class TaskProducer:
             return []
         now = time.time()
         encoded = [self._encode(payload, now, index) for index, payload in enumerate(batch)]
+        tasks = [(payload.task_id, task) for payload, task in zip(batch, encoded, strict=True)]
         _, scripts = self._connected()
         limit = self.settings.max_queue_length
+        # Safe to repeat after a lost reply: the script skips task ids it already took.
         length = self._retry.call(
-            "enqueue", lambda: scripts.enqueue(encoded, limit), task_id=batch[0].task_id
+            "enqueue",
+            lambda: scripts.enqueue(tasks, limit, self.settings.result_ttl),
+            task_id=batch[0].task_id,
         )
         if length < 0:
             self._metrics.rejected.inc(len(batch))

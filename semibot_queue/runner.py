@@ -64,6 +64,9 @@ class TaskRunner:
     reconnect: Reconnector
     #: Set when the worker stops waiting for Redis to record outcomes.
     give_up: threading.Event
+    #: Set once an outcome failed MAX_RECONNECT_ATTEMPTS times in a row: the worker must
+    #: give up on Redis even when the fetch loop, all slots busy, makes no call to count.
+    redis_lost: threading.Event
     rand: Random
 
     @property
@@ -316,6 +319,8 @@ class TaskRunner:
                         extra=self._log_extra(task_id),
                     )
                     return None
+                if failures >= self.settings.max_reconnect_attempts:
+                    self.redis_lost.set()
                 self.metrics.reconnects.inc()
                 wait = self.reconnect.delay(failures)
                 log.warning(

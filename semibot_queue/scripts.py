@@ -117,9 +117,11 @@ class Scripts:
         """Give every connection the scripts took back to the client's pool."""
         self._connections.close()
 
-    def enqueue(self, tasks: list[bytes], max_length: int) -> int:
-        """Push ``tasks`` (oldest first); the new length, or -1 if they do not all fit."""
-        return int(self._enqueue(keys=[self._keys.pending], args=[max_length, *tasks]))
+    def enqueue(self, tasks: list[tuple[str, bytes]], max_length: int, marker_ttl: int) -> int:
+        """Push ``(task id, task)`` pairs, oldest first, skipping ids already accepted in
+        the last ``marker_ttl`` seconds; the new length, or -1 if the new ones do not fit."""
+        keys = [self._keys.pending] + [self._keys.accepted(task_id) for task_id, _ in tasks]
+        return int(self._enqueue(keys=keys, args=[max_length, marker_ttl, *(t for _, t in tasks)]))
 
     def fetch(self, inflight: str, count: int) -> list[bytes]:
         """Move up to ``count`` pending tasks into ``inflight``, oldest first."""

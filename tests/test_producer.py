@@ -60,6 +60,13 @@ class TestEnqueue:
         assert data["delivery_count"] == 0
         assert before <= data["enqueued_at"] <= time.time()
 
+    def test_enqueueing_the_same_task_again_leaves_one_copy(self, redis_url):
+        task = payload(1)
+        with producer_for(redis_url) as producer:
+            assert producer.enqueue(task) == task.task_id
+            assert producer.enqueue(task) == task.task_id
+            assert producer.get_queue_length() == 1
+
     def test_enqueue_many_keeps_fifo_order(self, redis_url, redis_client):
         with producer_for(redis_url) as producer:
             ids = producer.enqueue_many([payload(n) for n in range(5)])
@@ -109,7 +116,9 @@ class TestEnqueue:
                 thread.join()
         assert len(accepted) == limit
         assert len(refused) == 20 * 40 - limit
-        assert redis_client.keys("*") == [KeySpace("q").pending.encode()]
+        markers = {k for k in redis_client.keys("*") if k.startswith(b"{q}:accepted:")}
+        assert set(redis_client.keys("*")) - markers == {KeySpace("q").pending.encode()}
+        assert markers == {KeySpace("q").accepted(task_id).encode() for task_id in accepted}
         stored = {json.loads(raw)["task_id"] for raw in redis_client.lrange("{q}:pending", 0, -1)}
         assert stored == set(accepted)
 

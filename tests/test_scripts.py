@@ -45,6 +45,11 @@ def task(n: int | str) -> bytes:
     return json.dumps({"task_id": f"t{n}", "session_id": "session-1"}).encode()
 
 
+def push(scripts: Scripts, tasks: list[bytes], max_length: int) -> int:
+    """enqueue.lua on stored tasks, each marked as accepted by its task id for a minute."""
+    return scripts.enqueue([(task_id_of(t), t) for t in tasks], max_length, 60)
+
+
 def marked(lost: int, body: bytes) -> bytes:
     return b"~%d~" % lost + body
 
@@ -176,19 +181,19 @@ class TestScriptConnections:
     def test_a_script_that_redis_forgot_is_loaded_again(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        assert scripts.enqueue([task(1)], max_length=10) == 1
+        assert push(scripts, [task(1)], max_length=10) == 1
         redis_client.script_flush()
-        assert scripts.enqueue([task(2)], max_length=10) == 2
+        assert push(scripts, [task(2)], max_length=10) == 2
 
     def test_a_dropped_connection_fails_one_call_and_the_next_call_reconnects(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        scripts.enqueue([task(1)], max_length=10)
+        push(scripts, [task(1)], max_length=10)
         # Other tests may leave idle clients on the shared server: ours is among those killed.
         assert redis_client.client_kill_filter(_type="normal", skipme=True) >= 1
         with pytest.raises(redis.ConnectionError):
-            scripts.enqueue([task(2)], max_length=10)
-        assert scripts.enqueue([task(3)], max_length=10) == 2
+            push(scripts, [task(2)], max_length=10)
+        assert push(scripts, [task(3)], max_length=10) == 2
         assert take_all(scripts) == [task(1), task(3)]
 
     def test_each_thread_keeps_one_connection_until_close_gives_them_all_back(
@@ -198,8 +203,8 @@ class TestScriptConnections:
         client = redis.Redis(connection_pool=pool)
         bound = Scripts(client, KEYS)
         try:
-            bound.enqueue([task(1)], max_length=10)
-            bound.enqueue([task(2)], max_length=10)  # the same thread reuses its connection
+            push(bound, [task(1)], max_length=10)
+            push(bound, [task(2)], max_length=10)  # the same thread reuses its connection
             assert client.ping() is True
             other = threading.Thread(target=bound.fetch, args=(KEYS.inflight("w1"), 1))
             other.start()
@@ -223,44 +228,63 @@ class TestEnqueue:
     def test_enqueue_returns_the_new_length_up_to_the_limit_exactly(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        assert [scripts.enqueue([task(i)], max_length=3) for i in range(3)] == [1, 2, 3]
-        assert scripts.enqueue([task(3)], max_length=3) == -1
+        assert [push(scripts, [task(i)], max_length=3) for i in range(3)] == [1, 2, 3]
+        assert push(scripts, [task(3)], max_length=3) == -1
         assert redis_client.llen(KEYS.pending) == 3
 
+    def test_a_task_id_already_accepted_is_not_pushed_again(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        assert push(scripts, [task(1), task(2)], max_length=10) == 2
+        # A repeat after a lost reply, and a batch mixing old and new ids: one copy each.
+        assert push(scripts, [task(1), task(2)], max_length=10) == 2
+        assert push(scripts, [task(2), task(3)], max_length=10) == 3
+        assert take_all(scripts) == [task(1), task(2), task(3)]
+        ttl = redis_client.ttl(KEYS.accepted("t1"))
+        assert 0 < ttl <= 60
+
+    def test_a_repeat_of_a_full_batch_fits_even_when_the_queue_is_full(
+        self, scripts: Scripts
+    ) -> None:
+        assert push(scripts, [task(1), task(2)], max_length=2) == 2
+        assert push(scripts, [task(1), task(2)], max_length=2) == 2
+
     def test_enqueue_accepts_a_batch_that_fills_the_queue_exactly(self, scripts: Scripts) -> None:
-        assert scripts.enqueue([task(1), task(2), task(3)], max_length=3) == 3
+        assert push(scripts, [task(1), task(2), task(3)], max_length=3) == 3
 
     def test_enqueue_refuses_a_batch_that_does_not_all_fit_and_writes_nothing(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        scripts.enqueue([task(1), task(2)], max_length=10)
+        push(scripts, [task(1), task(2)], max_length=10)
         before = snapshot(redis_client)
-        assert scripts.enqueue([task(3), task(4)], max_length=3) == -1
+        assert push(scripts, [task(3), task(4)], max_length=3) == -1
         assert snapshot(redis_client) == before
 
     def test_enqueue_refuses_a_batch_larger_than_an_empty_queue(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        assert scripts.enqueue([task(i) for i in range(4)], max_length=3) == -1
+        assert push(scripts, [task(i) for i in range(4)], max_length=3) == -1
         assert redis_client.exists(KEYS.pending) == 0
 
     def test_enqueue_of_an_empty_batch_writes_nothing(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        assert scripts.enqueue([], max_length=3) == 0
+        assert push(scripts, [], max_length=3) == 0
         assert redis_client.exists(KEYS.pending) == 0
 
     def test_tasks_are_fetched_in_the_order_they_were_enqueued(self, scripts: Scripts) -> None:
-        scripts.enqueue([task(1), task(2)], max_length=10)
-        scripts.enqueue([task(3)], max_length=10)
-        scripts.enqueue([task(4), task(5)], max_length=10)
+        push(scripts, [task(1), task(2)], max_length=10)
+        push(scripts, [task(3)], max_length=10)
+        push(scripts, [task(4), task(5)], max_length=10)
         assert take_all(scripts) == [task(i) for i in range(1, 6)]
 
-    def test_enqueue_writes_only_to_the_pending_list(
+    def test_enqueue_writes_only_the_pending_list_and_the_markers(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        scripts.enqueue([task(1)], max_length=10)
-        assert redis_client.keys("*") == [KEYS.pending.encode()]
+        push(scripts, [task(1)], max_length=10)
+        assert sorted(redis_client.keys("*")) == sorted(
+            [KEYS.pending.encode(), KEYS.accepted("t1").encode()]
+        )
 
 
 class TestFetch:
@@ -269,7 +293,7 @@ class TestFetch:
     def test_fetch_moves_at_most_n_oldest_first(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        scripts.enqueue([task(i) for i in range(5)], max_length=10)
+        push(scripts, [task(i) for i in range(5)], max_length=10)
         assert scripts.fetch(KEYS.inflight("w1"), 2) == [task(0), task(1)]
         assert redis_client.lrange(KEYS.inflight("w1"), 0, -1) == [task(1), task(0)]
         assert scripts.fetch(KEYS.inflight("w1"), 2) == [task(2), task(3)]
@@ -278,7 +302,7 @@ class TestFetch:
     def test_fetch_takes_what_there_is_when_asked_for_more(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        scripts.enqueue([task(1), task(2)], max_length=10)
+        push(scripts, [task(1), task(2)], max_length=10)
         assert scripts.fetch(KEYS.inflight("w1"), 10) == [task(1), task(2)]
         assert redis_client.exists(KEYS.pending) == 0
 
@@ -291,12 +315,12 @@ class TestFetch:
     def test_fetch_of_zero_moves_nothing(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        scripts.enqueue([task(1)], max_length=10)
+        push(scripts, [task(1)], max_length=10)
         assert scripts.fetch(KEYS.inflight("w1"), 0) == []
         assert redis_client.llen(KEYS.pending) == 1
 
     def test_two_workers_never_get_the_same_task(self, scripts: Scripts) -> None:
-        scripts.enqueue([task(i) for i in range(4)], max_length=10)
+        push(scripts, [task(i) for i in range(4)], max_length=10)
         first = scripts.fetch(KEYS.inflight("w1"), 3)
         second = scripts.fetch(KEYS.inflight("w2"), 3)
         assert first == [task(0), task(1), task(2)]
@@ -317,7 +341,7 @@ class TestAck:
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
         inflight = KEYS.inflight("w1")
-        scripts.enqueue([task(1), task(2)], max_length=10)
+        push(scripts, [task(1), task(2)], max_length=10)
         scripts.fetch(inflight, 2)
         with listening(redis_client, CHANNEL) as pubsub:
             assert scripts.ack(inflight, TTL, [(task(1), "t1", result_json(1), CHANNEL)]) == (
@@ -348,7 +372,7 @@ class TestAck:
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
         inflight = KEYS.inflight("w1")
-        scripts.enqueue([task(1), task(3)], max_length=10)
+        push(scripts, [task(1), task(3)], max_length=10)
         scripts.fetch(inflight, 2)
         acks = [(task(n), f"t{n}", result_json(n), CHANNEL) for n in (1, 2, 3)]
         assert scripts.ack(inflight, TTL, acks) == ([1, 0, 1], [])
@@ -369,9 +393,9 @@ class TestAck:
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
         inflight = KEYS.inflight("w1")
-        scripts.enqueue([task(1)], max_length=10)
+        push(scripts, [task(1)], max_length=10)
         scripts.fetch(inflight, 1)
-        scripts.enqueue([task(2), task(3), task(4)], max_length=10)
+        push(scripts, [task(2), task(3), task(4)], max_length=10)
         acks = [(task(1), "t1", result_json(1), CHANNEL)]
         assert scripts.ack(inflight, TTL, acks, take=2) == ([1], [task(2), task(3)])
         assert redis_client.lrange(inflight, 0, -1) == [task(3), task(2)]
@@ -383,7 +407,7 @@ class TestAck:
     ) -> None:
         inflight = KEYS.inflight("w1")
         redis_client.lpush(inflight, task(1))
-        scripts.enqueue([task(2)], max_length=10)
+        push(scripts, [task(2)], max_length=10)
         acks = [(task(1), "t1", result_json(1), CHANNEL)]
         assert scripts.ack(inflight, TTL, acks, take=5) == ([1], [task(2)])
         assert redis_client.exists(KEYS.pending) == 0
@@ -392,7 +416,7 @@ class TestAck:
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
         inflight = KEYS.inflight("w1")
-        scripts.enqueue([task(1), task(2)], max_length=10)
+        push(scripts, [task(1), task(2)], max_length=10)
         assert scripts.ack(inflight, TTL, [], take=1) == ([], [task(1)])
         assert redis_client.lrange(inflight, 0, -1) == [task(1)]
 
@@ -401,7 +425,7 @@ class TestAck:
     ) -> None:
         inflight = KEYS.inflight("w1")
         redis_client.lpush(inflight, task(1))
-        scripts.enqueue([task(2)], max_length=10)
+        push(scripts, [task(2)], max_length=10)
         assert scripts.ack(inflight, TTL, [(task(1), "t1", result_json(1), CHANNEL)], take=0) == (
             [1],
             [],
@@ -598,7 +622,7 @@ class TestPromote:
     def test_promoted_retries_queue_behind_tasks_already_pending(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        scripts.enqueue([task("new")], max_length=10)
+        push(scripts, [task("new")], max_length=10)
         self.schedule(redis_client, {task(1): -1_000})
         assert scripts.promote(batch=100, max_length=100) == 1
         assert take_all(scripts) == [task("new"), task(1)]
@@ -679,10 +703,10 @@ class TestRecover:
     def test_a_dead_workers_tasks_go_back_in_order_at_the_taking_end(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        scripts.enqueue([task(1), task(2), task(3)], max_length=10)
+        push(scripts, [task(1), task(2), task(3)], max_length=10)
         scripts.fetch(KEYS.inflight("dead"), 3)
         redis_client.zadd(KEYS.workers, {"dead": redis_ms(redis_client) - 2 * ONE_MINUTE_MS})
-        scripts.enqueue([task("later")], max_length=10)
+        push(scripts, [task("later")], max_length=10)
 
         assert recover(scripts) == (0, ["t3", "t2", "t1"], [])
         assert take_all(scripts) == [
@@ -818,10 +842,10 @@ class TestRelease:
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
         scripts.heartbeat("w1")
-        scripts.enqueue([task(1), task(2)], max_length=10)
+        push(scripts, [task(1), task(2)], max_length=10)
         scripts.fetch(KEYS.inflight("w1"), 2)
         redis_client.lpush(KEYS.inflight("w1"), marked(2, task(3)))
-        scripts.enqueue([task("later")], max_length=10)
+        push(scripts, [task("later")], max_length=10)
 
         assert scripts.release("w1", max_length=10) == 0
         assert take_all(scripts) == [
@@ -893,7 +917,7 @@ class TestDlqRetry:
         self.dead_letter(redis_client)
         redis_client.hset(KEYS.dead, "t2", b"other")
         redis_client.zadd(KEYS.dead_index, {"t2": 2})
-        scripts.enqueue([task("waiting")], max_length=10)
+        push(scripts, [task("waiting")], max_length=10)
         assert scripts.dlq_retry("t1", self.RECORD, task(1), max_length=10) == 1
         assert take_all(scripts) == [task("waiting"), task(1)]
         assert redis_client.hkeys(KEYS.dead) == [b"t2"]
@@ -1023,8 +1047,8 @@ class TestScriptsOnFakeRedis:
         scripts = Scripts(fake_redis, KEYS)
         inflight = KEYS.inflight("w1")
         try:
-            assert scripts.enqueue([task(1), task(2)], max_length=2) == 2
-            assert scripts.enqueue([task(3)], max_length=2) == -1
+            assert push(scripts, [task(1), task(2)], max_length=2) == 2
+            assert push(scripts, [task(3)], max_length=2) == -1
             assert scripts.fetch(inflight, 1) == [task(1)]
             acks = [
                 (task(1), "t1", result_json(1), CHANNEL),
