@@ -31,7 +31,7 @@ from semibot_queue.constants import (
 from semibot_queue.dead_letter import DeadLetterQueue
 from semibot_queue.errors import InvalidTaskError, QueueConnectionError, QueueError, QueueFullError
 from semibot_queue.keys import KeySpace
-from semibot_queue.producer import TaskProducer
+from semibot_queue.producer import TaskProducer, default_redis_url
 from semibot_queue.settings import QueueSettings
 from semibot_queue.tables import print_dead_letters, print_record, print_stats
 
@@ -150,7 +150,7 @@ def _settings(one_shot: bool = True) -> QueueSettings:
 
 
 def _url(args: argparse.Namespace) -> str:
-    return str(args.redis_url or os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL)
+    return str(args.redis_url or default_redis_url())
 
 
 # --- worker ---------------------------------------------------------------------

@@ -156,8 +156,8 @@ class TaskConsumer:
     def _warn_if_evicting(self, client: Client) -> None:
         try:
             policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
-        except redis.ResponseError:
-            return  # CONFIG is often disabled on managed Redis: nothing to check
+        except (redis.ResponseError, *TRANSIENT):
+            return  # CONFIG is often disabled on managed Redis; a lost link shows elsewhere
         if policy not in (None, "noeviction", b"noeviction"):
             log.warning(
                 "queue %s: Redis maxmemory-policy is %r, not noeviction: Redis may drop tasks",

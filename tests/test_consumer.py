@@ -204,12 +204,14 @@ class TestOutcomes:
 class TestStopping:
     """stop() acts promptly, lets in-flight work finish, and gives back what cannot."""
 
-    def test_stop_returns_promptly_with_a_long_poll_timeout(self, redis_url):
+    def test_stop_returns_promptly_with_a_long_poll_timeout(self, redis_url, redis_client):
         settings = QueueSettings(queue_poll_timeout=30)
         handle = Running(consumer_for(redis_url, lambda m: None, settings=settings))
         handle.thread.start()
-        wait_until(lambda: handle.consumer._runner is not None, what="connected")
-        time.sleep(0.05)  # let the loop block in its pop
+        wait_until(
+            lambda: any(c.get("cmd") == "blmove" for c in redis_client.client_list()),
+            what="the loop blocked in its pop",
+        )
         started = time.monotonic()
         handle.stop()
         assert time.monotonic() - started < 2.0
@@ -230,8 +232,8 @@ class TestStopping:
         assert began.wait(5)
         stopper = threading.Thread(target=handle.consumer.stop)
         stopper.start()
-        time.sleep(0.1)
-        assert handle.thread.is_alive()  # still waiting for the handler
+        handle.thread.join(0.2)  # must not end: the handler still runs
+        assert handle.thread.is_alive()
         release.set()
         stopper.join(5)
         handle.thread.join(5)
@@ -319,7 +321,10 @@ class TestConnectionFailures:
         with RedisServer(tmp_path / "r") as server:
             handle = Running(consumer_for(server.url, print, settings=settings))
             handle.thread.start()
-            wait_until(lambda: handle.consumer._runner is not None, what="connected")
+            probe = server.client()
+            workers = KEYS.workers
+            wait_until(lambda: probe.zcard(workers) == 1, what="the worker registered")
+            probe.close()
             server.kill()
             handle.thread.join(20)
         assert isinstance(handle.error, QueueConnectionError)
