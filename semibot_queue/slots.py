@@ -82,8 +82,3 @@ class Slots:
         """Those of ``present`` (the in-flight list) that no slot holds."""
         with self._changed:
             return list((Counter(present) - self._running).elements())
-
-    def held(self) -> int:
-        """Tasks held now."""
-        with self._changed:
-            return sum(self._running.values())
