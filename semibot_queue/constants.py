@@ -73,10 +73,37 @@ CLI_RECONNECT_ATTEMPTS = 3
 #: Seconds a connection may wait for a reply (blocking calls stay below it).
 SOCKET_TIMEOUT = 5.0
 
+#: Connections one client object (producer, consumer, dead-letter queue) opens at most;
+#: callers beyond it wait for a free one instead of failing.
+MAX_CONNECTIONS = 50
+
+#: Seconds the blocking pop's connection waits for a reply beyond QUEUE_POLL_TIMEOUT, so a
+#: pop that waited its full time is never mistaken for a dead link.
+BLOCKING_MARGIN = 2.0
+
+#: Replicas that must confirm each enqueue and outcome write (WAIT); 0 does not wait.
+MIN_REPLICAS_TO_ACK = 0
+
+#: Seconds a write waits for MIN_REPLICAS_TO_ACK replicas before it counts as failed.
+REPLICA_ACK_TIMEOUT = 1.0
+
 # --- retries and dead letters ----------------------------------------------
 
 #: Retries after the first attempt before a failing task is dead-lettered.
 MAX_RETRY_ATTEMPTS = 3
+
+#: Seconds a handler may run before TaskTimeoutError is raised in its thread; 0 = no limit.
+TASK_TIME_LIMIT = 0.0
+
+#: Seconds a task id stays reserved after enqueue (a second enqueue of it is a duplicate)
+#: unless the task finishes, or is cleared or purged, sooner.
+IDEMPOTENCY_TTL = 600
+
+#: Characters of an error message (and of a traceback) kept in a result or dead letter.
+MAX_ERROR_CHARS = 4_000
+
+#: Levels of nesting a JSON value (payload, config, result) may have at most.
+MAX_JSON_DEPTH = 64
 
 #: Seconds before the first retry; doubles on each further retry.
 RETRY_BASE_DELAY = 1.0

@@ -70,8 +70,33 @@ class KeySpace:
 
     @property
     def pending(self) -> str:
-        """List of tasks waiting for a worker (pushed left, taken right)."""
-        return f"{self._tag}:pending"
+        """List of tasks waiting for a worker (pushed left, taken right), plain JSON bodies.
+
+        Named exactly as the queue, as the Semibot runtime's list was, so that its producers
+        (LPUSH) feed our workers. In Redis Cluster a key named ``q`` hashes to the same slot
+        as ``{q}:...``: the whole name is the hash tag.
+        """
+        return self.queue
+
+    @property
+    def crashes(self) -> str:
+        """Hash: task id -> deliveries of it lost to dead workers (kept out of the body)."""
+        return f"{self._tag}:crashes"
+
+    @property
+    def releases(self) -> str:
+        """Hash: task id -> deliveries of it given back by stopping workers."""
+        return f"{self._tag}:releases"
+
+    @property
+    def grace(self) -> str:
+        """String: Redis time in ms before which no worker is declared dead (after an outage)."""
+        return f"{self._tag}:grace"
+
+    @property
+    def last_beat(self) -> str:
+        """String: Redis time in ms of the latest heartbeat of any worker of the queue."""
+        return f"{self._tag}:last_beat"
 
     @property
     def scheduled(self) -> str:
@@ -90,8 +115,23 @@ class KeySpace:
 
     @property
     def dead_index(self) -> str:
-        """Sorted set of dead-letter task ids, scored by failure time in ms."""
+        """Sorted set of dead-letter record ids, scored by failure time in ms."""
         return f"{self._tag}:{self.dead_suffix}:index"
+
+    @property
+    def dead_ids(self) -> str:
+        """Sorted set of dead-letter record ids, all scored 0: found by task id in lex order."""
+        return f"{self._tag}:{self.dead_suffix}:ids"
+
+    @property
+    def dead_raw(self) -> str:
+        """Hash: dead-letter record id -> the raw bytes of a task that could not be parsed."""
+        return f"{self._tag}:{self.dead_suffix}:raw"
+
+    @property
+    def dead_seq(self) -> str:
+        """Counter giving each dead-letter record its own id."""
+        return f"{self._tag}:{self.dead_suffix}:seq"
 
     @property
     def inflight_prefix(self) -> str:
