@@ -21,7 +21,13 @@ import attrs
 
 from semibot_queue import logs, stats
 from semibot_queue.codec import Codec
-from semibot_queue.connection import make_client, mask_url
+from semibot_queue.connection import (
+    REDIS_ERRORS,
+    is_transient,
+    make_client,
+    mask_url,
+    translate,
+)
 from semibot_queue.constants import (
     CLI_RECONNECT_ATTEMPTS,
     DEFAULT_REDIS_URL,
@@ -29,7 +35,13 @@ from semibot_queue.constants import (
     METRICS_HOST,
 )
 from semibot_queue.dead_letter import DeadLetterQueue
-from semibot_queue.errors import InvalidTaskError, QueueConnectionError, QueueError, QueueFullError
+from semibot_queue.errors import (
+    InvalidTaskError,
+    QueueConfigurationError,
+    QueueConnectionError,
+    QueueError,
+    QueueFullError,
+)
 from semibot_queue.keys import KeySpace
 from semibot_queue.producer import TaskProducer, default_redis_url
 from semibot_queue.settings import QueueSettings
@@ -51,6 +63,8 @@ class Exit(enum.IntEnum):
     FULL = 6
     TIMEOUT = 7
     DECLINED = 8
+    #: Redis refused us for good: wrong password, ACL refusal, failed certificate check.
+    CONFIGURATION = 9
 
 
 class CommandError(QueueError):
@@ -121,16 +135,28 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         logs.configure("WARNING" if args.debug else "CRITICAL")
     try:
         return int(COMMANDS[args.command](args, stdout))
-    except CommandError as exc:
-        return _fail(args, exc, exc.status)
-    except QueueConnectionError as exc:
-        return _fail(args, exc, Exit.UNREACHABLE)
-    except QueueFullError as exc:
-        return _fail(args, exc, Exit.FULL)
-    except InvalidTaskError as exc:
-        return _fail(args, exc, Exit.INVALID)
     except QueueError as exc:
-        return _fail(args, exc, Exit.ERROR)
+        return _fail(args, exc, _status(exc))
+    except REDIS_ERRORS as exc:  # the library translates these; a slip still gets its status
+        error = translate(exc, args.command, url=_url(args))
+        error.__cause__ = exc  # for --debug's traceback
+        return _fail(args, error, _status(error))
+
+
+#: The exit status of each kind of error, most specific first; any other QueueError
+#: (RedisCommandError, QueueOutOfMemoryError among them) exits ERROR.
+_STATUSES: tuple[tuple[type[QueueError], Exit], ...] = (
+    (QueueConfigurationError, Exit.CONFIGURATION),
+    (QueueConnectionError, Exit.UNREACHABLE),
+    (QueueFullError, Exit.FULL),
+    (InvalidTaskError, Exit.INVALID),
+)
+
+
+def _status(exc: QueueError) -> Exit:
+    if isinstance(exc, CommandError):
+        return exc.status
+    return next((status for kind, status in _STATUSES if isinstance(exc, kind)), Exit.ERROR)
 
 
 def _fail(args: argparse.Namespace, exc: Exception, status: Exit) -> int:
@@ -174,7 +200,7 @@ def load_handler(spec: str) -> Callable[..., Any]:
 
 
 def _worker(args: argparse.Namespace, _out: TextIO) -> int:
-    from semibot_queue.worker import run_worker  # noqa: PLC0415 - only the worker needs it
+    from semibot_queue.worker_process import run_worker  # noqa: PLC0415 - only the worker needs it
 
     logs.configure(args.log_level, args.log_format)
     return run_worker(
@@ -252,10 +278,12 @@ def _stats(args: argparse.Namespace, out: TextIO) -> int:
         while True:
             try:
                 snapshot = stats.collect(client, keys, settings)
-            except Exception as exc:  # any failure to read means Redis is unreachable here
-                raise QueueConnectionError(
-                    f"cannot read stats from {mask_url(url)}: {exc}"
-                ) from exc
+            except Exception as exc:
+                if is_transient(exc) or not isinstance(exc, REDIS_ERRORS):
+                    raise QueueConnectionError(
+                        f"cannot read stats from {mask_url(url)}: {exc}"
+                    ) from exc
+                raise translate(exc, "reading stats", url=url) from exc  # refused: says why
             if args.json:
                 print(json.dumps(snapshot, sort_keys=True), file=out)
             else:

@@ -1,84 +1,216 @@
 """JSON in and out of Redis, through one cattrs converter per codec.
 
-Only JSON crosses Redis. Any decoding or validation failure becomes an
-InvalidTaskError whose message names the field path and what was wrong.
+Only JSON crosses Redis. What is encoded is first copied into plain JSON values and
+validated as that copy (:mod:`semibot_queue.json_values`), so what was checked is what is
+written. Any decoding or validation failure becomes an InvalidTaskError whose message
+names the field path and what was wrong.
+
+Tasks are stored as plain JSON objects, as the Semibot runtime pushed them: its bodies
+(``metadata.enqueued_at`` an ISO-8601 string, no counters, ``null`` config or metadata)
+decode as well as ours. Results keep the key ``result`` its waiters read; for a failed or
+cancelled task that key holds ``{"error": "<text>"}``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import math
 import re
+import traceback
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import attrs
 import cattrs
 
+from semibot_queue.constants import MAX_ERROR_CHARS, MAX_NAME_LENGTH
 from semibot_queue.errors import InvalidTaskError
-from semibot_queue.keys import is_valid_name
+from semibot_queue.json_values import (
+    NotJsonError,
+    TooLargeError,
+    find_unencodable_text,
+    plain,
+)
+from semibot_queue.json_values import dumps as _dumps
+from semibot_queue.json_values import loads as _loads
 from semibot_queue.models import DeadLetterRecord, TaskMessage, TaskPayload, TaskResult
 
 T = TypeVar("T")
 
-#: A task given back to pending carries a header: ``~C~<json>`` after C deliveries lost
-#: to dead workers, ``~CrR~<json>`` when R more were given back by stopping workers.
-_REDELIVERY = re.compile(rb"~(\d+)(?:r(\d+))?~")
+#: Appended to a ``last_error`` shortened to keep a retry copy within MAX_PAYLOAD_BYTES.
+_SHORTENED = " [...]"
+
+#: What follows the first ``"task_id"`` key of a body: the id, as lib_task_id.lua reads it.
+_TASK_ID_VALUE = re.compile(rb'\s*:\s*"([A-Za-z0-9_.:\-]+)"')
 
 
-def split_redelivery(raw: bytes) -> tuple[int, bytes]:
-    """Return ``(deliveries lost, task bytes)`` of a stored task: lost to dead workers
-    plus given back by stopping ones."""
-    match = _REDELIVERY.match(raw)
-    if match is None:
-        return 0, raw
-    return int(match.group(1)) + int(match.group(2) or 0), raw[match.end() :]
-
-
-def task_id_of(stored: bytes) -> str:
-    """The task id inside a stored task, or ``raw-<sha1>`` when it has none to read."""
-    body = split_redelivery(stored)[1]
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = None
-    task_id = data.get("task_id") if isinstance(data, dict) else None
-    if isinstance(task_id, str) and is_valid_name(task_id):
-        return task_id
+def task_id_of(body: bytes) -> str:
+    """The task id of a stored task, found as the Lua scripts find it (lib_task_id.lua):
+    the first ``"task_id": "<name>"`` of the body, else ``raw-<sha1 of the body>``."""
+    start = body.find(b'"task_id"')
+    while start >= 0:
+        match = _TASK_ID_VALUE.match(body, start + 9)
+        if match is not None and len(match.group(1)) <= MAX_NAME_LENGTH:
+            return match.group(1).decode("ascii")
+        start = body.find(b'"task_id"', start + 9)
     return "raw-" + hashlib.sha1(body, usedforsecurity=False).hexdigest()
 
 
-def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+# --- errors as text, whatever the exception does ------------------------------------------
+
+
+def describe_error(exc: BaseException) -> str:
+    """The message of ``exc`` (``str(exc)``), at most MAX_ERROR_CHARS, encodable as UTF-8.
+
+    Never raises, whatever the exception's ``__str__`` does (raise anything, return a
+    non-string, return lone surrogates or megabytes of text): a message that cannot be
+    had is described as such. The type is not included (callers add it where wanted).
+    """
+    try:
+        text = str(exc)
+        text = text if type(text) is str else str.__str__(text)
+    except BaseException as failure:  # noqa: BLE001 - nothing str() raises may escape
+        text = f"<str() of the exception raised {_type_name(failure)}>"
+    return _clip(text)
+
+
+def format_traceback(exc: BaseException) -> str:
+    """The traceback of ``exc`` as text, at most MAX_ERROR_CHARS (its start and its end
+    kept), encodable as UTF-8. Never raises."""
+    try:
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except BaseException as failure:  # noqa: BLE001 - a traceback is best effort, never fatal
+        text = f"{describe_error(exc)}\n(no traceback: formatting it raised {_type_name(failure)})"
+    return _clip(text, keep_end=True)
+
+
+def _type_name(exc: BaseException) -> str:
+    try:
+        name = type(exc).__qualname__
+    except BaseException:  # noqa: BLE001 # pragma: no cover - a class always has a name
+        return "BaseException"
+    return name if type(name) is str else "BaseException"
+
+
+def _clip(text: str, *, keep_end: bool = False) -> str:
+    """``text`` cut to MAX_ERROR_CHARS (saying so), lone surrogates written as ``\\udXXX``."""
+    text = _cut(text, keep_end=keep_end)
+    safe = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _cut(safe, keep_end=keep_end)  # escapes may have made it longer
+
+
+def _cut(text: str, *, keep_end: bool) -> str:
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    cut = f" [... {len(text) - MAX_ERROR_CHARS} characters cut ...] "
+    room = max(MAX_ERROR_CHARS - len(cut), 0)
+    if not keep_end:
+        return text[:room] + cut.rstrip()
+    head = room // 2
+    return text[:head] + cut + text[len(text) - (room - head) :]
+
+
+# --- the Semibot runtime's task shape -------------------------------------------------------
+
+
+def _epoch(value: object) -> float | None:
+    """Unix seconds of an ISO-8601 time (naive means UTC) or of a number; None if neither."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value) if math.isfinite(value) else None
+    if not isinstance(value, str):
+        return None
+    text = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def _as_stored(data: Any) -> Any:
+    """Read a task the Semibot runtime pushed as one of ours: ``null`` config or metadata
+    is empty, and ``enqueued_at`` comes from ``metadata.enqueued_at`` when not given."""
+    if not isinstance(data, dict):
+        return data
+    for name in ("config", "metadata"):
+        if name in data and data[name] is None:
+            data[name] = {}
+    if data.get("enqueued_at") is None:
+        metadata = data.get("metadata")
+        when = _epoch(metadata.get("enqueued_at")) if isinstance(metadata, dict) else None
+        data["enqueued_at"] = 0.0 if when is None else when
+    return data
+
+
+# --- the codec --------------------------------------------------------------------------------
 
 
 class Codec:
-    """Encodes and decodes every model; owns its cattrs converter."""
+    """Encodes and decodes every model; owns its cattrs converters."""
 
     def __init__(self, max_payload_bytes: int) -> None:
         self._max_payload_bytes = max_payload_bytes
-        self._converter = _strict_converter()
+        self._converter = _strict_converter(forbid_extra_keys=False)
+        self._closed = _strict_converter(forbid_extra_keys=True)
 
     # --- tasks ---------------------------------------------------------------
 
     def encode_new(self, payload: TaskPayload, enqueued_at: float) -> bytes:
         """JSON bytes of the never-delivered TaskMessage of ``payload``.
 
-        The same bytes as ``encode_message(TaskMessage.from_payload(...))``, without
-        building and validating that message again: the payload was validated when made.
+        The same bytes as ``encode_message(TaskMessage.from_payload(...))``.
         """
-        data = self._converter.unstructure(payload)
-        data.update(enqueued_at=enqueued_at, retry_count=0, delivery_count=0, last_error=None)
-        return self._encode_task(data, payload.task_id)
+        history = {"enqueued_at": enqueued_at, "retry_count": 0, "delivery_count": 0}
+        return self._encode_task(_fields(payload) | history | {"last_error": None}, payload.task_id)
 
     def encode_message(self, message: TaskMessage) -> bytes:
         """JSON bytes of ``message``; refuses what is not JSON or is too large."""
-        return self._encode_task(self._converter.unstructure(message), message.task_id)
+        return self._encode_task(_fields(message), message.task_id)
 
-    def _encode_task(self, data: dict[str, Any], task_id: str) -> bytes:
+    def encode_retry(self, message: TaskMessage) -> bytes:
+        """JSON bytes of the copy of a task stored for its next attempt.
+
+        Its ``last_error`` is shortened, to nothing at worst, when it would take the copy
+        over MAX_PAYLOAD_BYTES: a task that fitted once always fits again. Raises
+        InvalidTaskError only for a task that is itself not encodable.
+        """
+        try:
+            return self.encode_message(message)
+        except InvalidTaskError:
+            if not message.last_error:
+                raise
+        error = message.last_error
+        bare = self.encode_message(attrs.evolve(message, last_error=None))
+        keep = max(self._max_payload_bytes - len(bare), 0)  # characters: at most bytes
+        while keep > 0:
+            shortened = error[:keep] + _SHORTENED
+            try:
+                return self.encode_message(attrs.evolve(message, last_error=shortened))
+            except InvalidTaskError:
+                keep //= 2
+        return bare
+
+    def _encode_task(self, fields: dict[str, Any], task_id: str) -> bytes:
+        """Copy, validate the copy as a TaskMessage, and encode that same copy."""
+        try:
+            data = plain(fields, self._max_payload_bytes)
+        except TooLargeError:
+            raise InvalidTaskError(
+                f"task {task_id}: encoded size exceeds MAX_PAYLOAD_BYTES"
+                f" ({self._max_payload_bytes})"
+            ) from None
+        except NotJsonError as exc:
+            raise InvalidTaskError(f"{exc.where()}: not JSON-serialisable ({exc})") from None
+        TaskMessage(**data)  # its validators, run on the very copy that is written
         try:
             raw = _dumps(data)
-        except (TypeError, ValueError) as exc:
-            raise InvalidTaskError(_unserialisable(data, exc)) from None
+        except UnicodeEncodeError:
+            where = find_unencodable_text(data)
+            raise InvalidTaskError(f"{where}: not JSON-serialisable (not UTF-8 text)") from None
+        except ValueError as exc:  # an int too long to write as text
+            raise InvalidTaskError(f"task {task_id}: not JSON-serialisable ({exc})") from None
         if len(raw) > self._max_payload_bytes:
             raise InvalidTaskError(
                 f"task {task_id}: encoded size {len(raw)} bytes exceeds"
@@ -87,54 +219,109 @@ class Codec:
         return raw
 
     def decode_message(self, raw: bytes) -> TaskMessage:
-        """The TaskMessage stored in ``raw`` (without any redelivery header)."""
+        """The TaskMessage stored in ``raw`` (ours or the Semibot runtime's)."""
+        self._check_size(raw)
+        return self._structure(_as_stored(_loads(raw)), TaskMessage)
+
+    def decode_delivery(self, body: bytes, redelivered: int) -> TaskMessage:
+        """The TaskMessage a worker just took. Its ``delivery_count`` is the count stored
+        in the body, plus ``redelivered`` (earlier deliveries lost to dead workers or given
+        back by stopping ones, kept outside the body), plus one for this take."""
+        self._check_size(body)
+        data = _as_stored(_loads(body))
+        if isinstance(data, dict):
+            previous = data.get("delivery_count", 0)
+            if isinstance(previous, int) and not isinstance(previous, bool) and previous >= 0:
+                data["delivery_count"] = previous + redelivered + 1
+        return self._structure(data, TaskMessage)
+
+    def _check_size(self, raw: bytes) -> None:
         if len(raw) > self._max_payload_bytes:
             raise InvalidTaskError(
                 f"payload of {len(raw)} bytes exceeds MAX_PAYLOAD_BYTES ({self._max_payload_bytes})"
             )
-        return self._structure(_loads(raw), TaskMessage)
-
-    def decode_delivery(self, stored: bytes) -> TaskMessage:
-        """The TaskMessage a worker just took, its ``delivery_count`` counting this take
-        and every delivery lost to a dead worker (the ``~N~`` header)."""
-        lost, body = split_redelivery(stored)
-        if len(body) > self._max_payload_bytes:
-            raise InvalidTaskError(
-                f"payload of {len(body)} bytes exceeds MAX_PAYLOAD_BYTES"
-                f" ({self._max_payload_bytes})"
-            )
-        data = _loads(body)
-        if isinstance(data, dict):
-            previous = data.get("delivery_count", 0)
-            if isinstance(previous, int) and not isinstance(previous, bool) and previous >= 0:
-                data["delivery_count"] = previous + lost + 1
-        return self._structure(data, TaskMessage)
 
     def message_from_dict(self, data: Any) -> TaskMessage:
         """A TaskMessage from JSON-like data (a dead letter's kept task)."""
-        return self._structure(data, TaskMessage)
+        return self._structure(
+            _as_stored(dict(data) if isinstance(data, dict) else data), TaskMessage
+        )
 
     def payload_from_dict(self, data: Any) -> TaskPayload:
-        """A TaskPayload from a JSON-like mapping (the command line's ``--json``)."""
-        return self._structure(data, TaskPayload)
+        """A TaskPayload from a JSON-like mapping (the command line's ``--json``).
+
+        Unknown keys are refused by name (a typo must not pass silently); ``null`` config
+        or metadata is empty.
+        """
+        try:
+            copied = plain(data, self._max_payload_bytes)
+        except NotJsonError as exc:
+            raise InvalidTaskError(f"{exc.where()}: not JSON-serialisable ({exc})") from None
+        if isinstance(copied, dict):
+            for name in ("config", "metadata"):
+                if name in copied and copied[name] is None:
+                    copied[name] = {}
+        return self._structure(copied, TaskPayload, self._closed)
 
     # --- results and dead letters -----------------------------------------
 
     def encode_result(self, result: TaskResult) -> bytes:
-        """JSON bytes of ``result``; a result that is not JSON raises InvalidTaskError."""
-        data = self._converter.unstructure(result)
+        """JSON bytes of ``result`` in the wire format (see the module docstring).
+
+        Whatever the handler returned, this raises nothing but InvalidTaskError, naming
+        what was wrong: a value JSON cannot carry (or whose methods raise), a key that is
+        not a string, NaN, nesting deeper than MAX_JSON_DEPTH, more than MAX_PAYLOAD_BYTES.
+        """
+        task = _shown_id(result)
+        data = _fields(result)
         try:
-            return _dumps(data)
-        except (TypeError, ValueError) as exc:
-            raise InvalidTaskError(f"result of task {result.task_id}: {exc}") from None
+            if result.status == "succeeded":
+                value = result.result
+                value = self.unstructure(value) if attrs.has(type(value)) else value
+            else:
+                value = {"error": result.status if result.error is None else result.error}
+            # Only the value is walked: the other fields are the worker's own plain values
+            # (json.dumps refuses anything else, caught below).
+            data["result"] = plain(value, self._max_payload_bytes)
+            raw = _dumps(data)
+        except NotJsonError as exc:
+            raise InvalidTaskError(f"result of task {task}: {exc.where('result')}: {exc}") from None
+        except UnicodeEncodeError:
+            where = find_unencodable_text(data)
+            raise InvalidTaskError(f"result of task {task}: {where}: not UTF-8 text") from None
+        except BaseException as exc:  # noqa: BLE001 - whatever a returned object does is "bad"
+            raise InvalidTaskError(
+                f"result of task {task}: cannot be encoded ({describe_error(exc)})"
+            ) from None
+        if len(raw) > self._max_payload_bytes:
+            raise InvalidTaskError(
+                f"result of task {task}: encoded size {len(raw)} bytes exceeds"
+                f" MAX_PAYLOAD_BYTES ({self._max_payload_bytes})"
+            )
+        return raw
 
     def decode_result(self, raw: bytes) -> TaskResult:
         """The TaskResult stored or published as ``raw``."""
-        return self._structure(_loads(raw), TaskResult)
+        data = _loads(raw)
+        if isinstance(data, dict) and data.get("status") in ("failed", "cancelled"):
+            wire = data.get("result")
+            if "error" not in data and isinstance(wire, dict):
+                data["error"] = wire.get("error")
+            data["result"] = None
+        return self._structure(data, TaskResult)
 
     def encode_record(self, record: DeadLetterRecord) -> bytes:
-        """JSON bytes of a dead-letter record."""
-        return _dumps(self._converter.unstructure(record))
+        """JSON bytes of a dead-letter record; text UTF-8 cannot carry is escaped."""
+        try:
+            copied = plain(self._converter.unstructure(record))
+        except NotJsonError as exc:
+            raise InvalidTaskError(
+                f"dead letter of task {record.task_id}: {exc.where()}: {exc}"
+            ) from None
+        try:
+            return _dumps(copied)
+        except UnicodeEncodeError:
+            return _dumps(copied, ascii_only=True)
 
     def decode_record(self, raw: bytes) -> DeadLetterRecord:
         """The DeadLetterRecord stored as ``raw``."""
@@ -144,26 +331,36 @@ class Codec:
         """Plain JSON-ready data of any model."""
         return self._converter.unstructure(value)
 
-    def _structure(self, data: Any, cls: type[T]) -> T:
+    def _structure(self, data: Any, cls: type[T], converter: cattrs.Converter | None = None) -> T:
         if not isinstance(data, dict):
             raise InvalidTaskError(
                 f"{cls.__name__}: expected a JSON object, got {type(data).__name__}"
             )
         try:
-            return self._converter.structure(data, cls)
+            return (converter or self._converter).structure(data, cls)
         except cattrs.ClassValidationError as exc:
             messages = cattrs.transform_error(exc, path=cls.__name__, format_exception=_describe)
             details = "; ".join(messages)
             raise InvalidTaskError(details) from None
 
 
-def _strict_converter() -> cattrs.Converter:
+def _fields(instance: Any) -> dict[str, Any]:
+    """A model's fields by name, in order, the values as they are (not copied)."""
+    return {field.name: getattr(instance, field.name) for field in attrs.fields(type(instance))}
+
+
+def _shown_id(result: TaskResult) -> str:
+    task_id = result.task_id
+    return str.__str__(task_id)[:MAX_NAME_LENGTH] if isinstance(task_id, str) else "?"
+
+
+def _strict_converter(*, forbid_extra_keys: bool) -> cattrs.Converter:
     """A converter that never coerces: ``5`` is not a session id, ``"x"`` is not a list.
 
     Containers pass through unchanged; the models' own validators check their items
     and name the offending index.
     """
-    converter = cattrs.Converter()
+    converter = cattrs.Converter(forbid_extra_keys=forbid_extra_keys)
 
     def exact(kind: type[Any], label: str) -> Any:
         def hook(value: Any, _: Any) -> Any:
@@ -193,6 +390,8 @@ def _strict_converter() -> cattrs.Converter:
 def _describe(exc: BaseException, _: Any) -> str:
     if isinstance(exc, KeyError):
         return "required field missing"
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        return "unknown key " + ", ".join(repr(key) for key in sorted(exc.extra_fields))
     return str(exc) or type(exc).__name__
 
 
@@ -202,24 +401,6 @@ def _mapping_or_none(value: Any, kind: Any) -> Any:
     if not isinstance(value, dict):
         raise TypeError(f"expected a JSON object, got {type(value).__name__}")
     return value
-
-
-def _loads(raw: bytes) -> Any:
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise InvalidTaskError(f"payload is not UTF-8 text: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidTaskError(f"payload is not JSON: {exc}") from None
-
-
-def _unserialisable(data: dict[str, Any], exc: Exception) -> str:
-    for name in ("config", "metadata", "messages"):
-        try:
-            _dumps(data.get(name))
-        except (TypeError, ValueError):
-            return f"{name}: not JSON-serialisable ({exc})"
-    return f"task is not JSON-serialisable ({exc})"
 
 
 def fields_of(cls: type[Any]) -> list[str]:

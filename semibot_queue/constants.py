@@ -77,6 +77,11 @@ SOCKET_TIMEOUT = 5.0
 #: callers beyond it wait for a free one instead of failing.
 MAX_CONNECTIONS = 50
 
+#: Connections the script runner keeps between calls instead of giving them back to the
+#: pool (a hot thread then skips the pool's ~20 us of bookkeeping); never more than a
+#: quarter of the pool, so other callers always find room.
+IDLE_SCRIPT_CONNECTIONS = 2
+
 #: Seconds the blocking pop's connection waits for a reply beyond QUEUE_POLL_TIMEOUT, so a
 #: pop that waited its full time is never mistaken for a dead link.
 BLOCKING_MARGIN = 2.0
@@ -123,6 +128,10 @@ DEAD_LETTER_MAX_LENGTH = 10_000
 #: Seconds a dead-letter record is kept before it is evicted (logged and counted).
 DEAD_LETTER_TTL = 7 * 24 * 3600
 
+#: Joins a task id and a number into a dead-letter record id, ``<task id>#<n>``; task ids
+#: cannot contain it. lib_dead_letter.lua spells it too.
+DEAD_LETTER_ID_SEPARATOR = "#"
+
 # --- workers ---------------------------------------------------------------
 
 #: Seconds between two heartbeats of a worker.
@@ -150,6 +159,12 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 #: Host the worker's ``/metrics`` endpoint binds to unless told otherwise.
 METRICS_HOST = "127.0.0.1"
+
+#: Heartbeats between two scans for in-flight lists that no registered worker owns.
+ADOPT_EVERY = 10
+
+#: Seconds the demo's blocking pop waits (its embedded fakeredis cannot be interrupted).
+DEMO_POLL_TIMEOUT = 0.5
 
 #: Seconds between two runs of the watcher's loop (promotes due retries each time).
 WATCHER_TICK = 0.25

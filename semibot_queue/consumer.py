@@ -1,10 +1,12 @@
 """``TaskConsumer``: the worker. A blocking pop loop feeding a bounded thread pool.
 
-The loop takes tasks only while one of ``max_concurrent`` slots is free, moving each
-from the pending list into this worker's own in-flight list in the same command
-(several at once through ``fetch.lua`` when several slots are free, else BLMOVE).
-A :class:`~semibot_queue.runner.TaskRunner` runs each task on the pool and records its
-outcome; a :class:`~semibot_queue.watcher.Watcher` keeps the worker registered.
+Follow one task top-down: the fetch loop here takes it (``fetch.lua`` for several at
+once, else a blocking BLMOVE into this worker's in-flight list) only while one of
+``max_concurrent`` slots is free; a pool thread runs it through
+:mod:`semibot_queue.outcomes`, which decides its outcome without touching Redis; the
+:mod:`semibot_queue.recorder` thread records that outcome and takes the next tasks in
+the same round trip; the :mod:`semibot_queue.watcher` keeps the worker registered and
+recovers the tasks of dead ones.
 """
 
 from __future__ import annotations
@@ -19,37 +21,37 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from types import FrameType
-from typing import cast
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import FrameType, TracebackType
+from typing import Any, cast
 
 import redis
 from prometheus_client import CollectorRegistry
 
-from semibot_queue.acker import Acker
 from semibot_queue.backoff import Random
 from semibot_queue.codec import Codec, task_id_of
-from semibot_queue.connection import TRANSIENT, Client, Reconnector, as_bytes, make_client
-from semibot_queue.errors import QueueConnectionError, QueueError
+from semibot_queue.connection import (
+    REDIS_ERRORS,
+    Client,
+    Reconnector,
+    check_client,
+    make_client,
+    translate,
+)
+from semibot_queue.constants import BLOCKING_MARGIN
+from semibot_queue.errors import QueueError, QueueOutOfMemoryError
 from semibot_queue.keys import KeySpace
 from semibot_queue.metrics import Metrics
 from semibot_queue.models import TaskResult
+from semibot_queue.outcomes import Decider, Delivery, Handler, Outcome
 from semibot_queue.producer import default_redis_url
-from semibot_queue.runner import Delivery, Handler, Success, TaskRunner
+from semibot_queue.recorder import Fatal, Recorder, repeatable
 from semibot_queue.scripts import Scripts
 from semibot_queue.settings import QueueSettings
 from semibot_queue.slots import Slots
 from semibot_queue.watcher import Watcher
 
 log = logging.getLogger("semibot_queue.consumer")
-
-
-def _putter(ready: queue.SimpleQueue[bytes | None]) -> Callable[[list[bytes]], None]:
-    def dispatch(batch: list[bytes]) -> None:
-        for stored in batch:
-            ready.put(stored)
-
-    return dispatch
 
 
 def new_worker_id() -> str:
@@ -63,7 +65,8 @@ class TaskConsumer:
 
     Constructing it starts nothing. ``start()`` blocks until ``stop()`` (or SIGTERM /
     SIGINT when started in the main thread with ``handle_signals``), then lets in-flight
-    tasks finish for up to SHUTDOWN_TIMEOUT and gives back the rest.
+    tasks finish for up to SHUTDOWN_TIMEOUT and gives back the rest. As a context
+    manager it runs in a background thread and is stopped and joined on exit.
     """
 
     def __init__(
@@ -85,22 +88,30 @@ class TaskConsumer:
         self.settings = settings or QueueSettings()
         self.redis_url = redis_url or default_redis_url()
         self.keys = KeySpace.of(queue_name, self.settings)
-        self.max_concurrent = max_concurrent or self.settings.max_concurrent_tasks
-        if self.max_concurrent < 1:
-            raise QueueError(f"max_concurrent must be >= 1, got {self.max_concurrent}")
+        if max_concurrent is None:
+            max_concurrent = self.settings.max_concurrent_tasks
+        if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int):
+            raise QueueError(f"max_concurrent must be a whole number, got {max_concurrent!r}")
+        if max_concurrent < 1:
+            raise QueueError(f"max_concurrent must be >= 1, got {max_concurrent}")
+        self.max_concurrent = max_concurrent
         self.worker_id = worker_id or new_worker_id()
         self.inflight = self.keys.inflight(self.worker_id)
         self.handler = handler
         self.metrics = Metrics(self.keys.queue, registry)
-        self._given_client = client
+        self._given_client = check_client(client) if client is not None else None
         self._client: Client | None = None
+        self._pop_client: Client | None = None
+        self._pop_timeout = self.settings.queue_poll_timeout
+        self._pop_connection: Any = None
+        self._scripts: Scripts | None = None
         self._handle_signals = handle_signals
         self._rand = rand
         self._codec = Codec(self.settings.max_payload_bytes)
         self._stopping = threading.Event()
         self._hurry = threading.Event()
         self._give_up = threading.Event()
-        self._redis_lost = threading.Event()
+        self._fatal = Fatal()
         #: Set when tasks may sit in our in-flight list that no thread runs (a lost reply).
         self._resync = threading.Event()
         self._finished = threading.Event()
@@ -108,6 +119,10 @@ class TaskConsumer:
         self._grace = self.settings.shutdown_timeout
         self._slots = Slots(self.max_concurrent)
         self._last_busy_warning = 0.0
+        self._loops: list[Future[None]] = []
+        self._recorder: Recorder | None = None
+        self._decider: Decider | None = None
+        self._background: threading.Thread | None = None
         self._reconnect = Reconnector(
             self.redis_url,
             self.keys.queue,
@@ -116,128 +131,208 @@ class TaskConsumer:
             rand=rand,
             on_retry=self.metrics.reconnects.inc,
         )
-        self._runner: TaskRunner | None = None
         #: Task ids still running when the worker stopped (given back to pending).
         self.unfinished: list[str] = []
 
     # --- connection -------------------------------------------------------------
 
     def connect(self) -> None:
-        """Open the connection, check it, and prepare the runner."""
+        """Open the connections and check that Redis answers."""
         if self._client is not None:
             return
-        client = self._given_client or make_client(self.redis_url, self.settings)
+        s = self.settings
+        client = self._given_client or make_client(self.redis_url, s)
         self._reconnect.call("connect", client.ping)
+        if self._given_client is None:
+            # The blocking pop has a connection of its own whose socket timeout leaves a
+            # margin above QUEUE_POLL_TIMEOUT: a full wait is never taken for a dead link.
+            self._pop_client = make_client(
+                self.redis_url, s, socket_timeout=s.queue_poll_timeout + BLOCKING_MARGIN
+            )
+            self._pop_timeout = s.queue_poll_timeout
+        else:
+            self._pop_client = client
+            self._pop_timeout = _pop_timeout(client, s.queue_poll_timeout)
         self._client = client
-        self._runner = TaskRunner(
-            handler=self.handler,
-            worker_id=self.worker_id,
-            keys=self.keys,
-            settings=self.settings,
-            scripts=Scripts(client, self.keys),
-            codec=self._codec,
-            metrics=self.metrics,
-            reconnect=self._reconnect,
-            give_up=self._give_up,
-            redis_lost=self._redis_lost,
-            rand=self._rand,
-        )
+        self._scripts = Scripts(client, self.keys)
         self._warn_if_evicting(client)
 
     def disconnect(self) -> None:
-        """Close the connection (a given client is left to its owner)."""
-        if self._runner is not None:
-            self._runner.scripts.close()
-        if self._client is not None and self._given_client is None:
-            self._client.close()
+        """Close the connections (a given client is left to its owner)."""
+        if self._scripts is not None:
+            self._scripts.close()
+        if self._given_client is None:
+            for client in (self._client, self._pop_client):
+                if client is not None:
+                    client.close()
         self._client = None
-        self._runner = None
+        self._pop_client = None
+        self._scripts = None
 
     def _warn_if_evicting(self, client: Client) -> None:
         try:
             policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
-        except (redis.ResponseError, *TRANSIENT):
+        except redis.RedisError:
             return  # CONFIG is often disabled on managed Redis; a lost link shows elsewhere
         if policy not in (None, "noeviction", b"noeviction"):
             log.warning(
                 "queue %s: Redis maxmemory-policy is %r, not noeviction: Redis may drop tasks",
                 self.keys.queue,
                 policy,
-                extra={"queue": self.keys.queue, "worker_id": self.worker_id},
+                extra=self._extra(),
             )
+
+    def _extra(self, task_id: str | None = None) -> dict[str, str | None]:
+        return {"queue": self.keys.queue, "worker_id": self.worker_id, "task_id": task_id}
 
     # --- lifecycle ----------------------------------------------------------------
 
     def start(self) -> None:
-        """Run until stopped. Raises QueueConnectionError if Redis stays unreachable."""
+        """Run until stopped. Raises QueueConnectionError if Redis stays unreachable, and
+        QueueError when the worker cannot go on (its tasks are then recovered)."""
         self.connect()
-        if self._client is None or self._runner is None:  # pragma: no cover - set by connect
+        if self._client is None or self._scripts is None:  # pragma: no cover - set by connect
             raise QueueError("consumer failed to connect")
+        client, scripts = self._client, self._scripts
         self._hurry.clear()
         self._give_up.clear()
-        self._redis_lost.clear()
+        self._fatal = Fatal()
         self._finished.clear()
         self.unfinished = []
-        self._install_signal_handlers()
-        runner, client = self._runner, self._client
+        previous = self._install_signal_handlers()
         self._slots = Slots(self.max_concurrent)
-        ready: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        ready: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
+
+        def dispatch(batch: list[Delivery]) -> None:
+            for delivery in batch:
+                ready.put(delivery)
+
+        decider = Decider(
+            self.handler,
+            self.worker_id,
+            self.keys,
+            self.settings,
+            self._codec,
+            self.metrics,
+            self._rand,
+        )
+        self._decider = decider
+        recorder = Recorder(
+            scripts=scripts,
+            keys=self.keys,
+            settings=self.settings,
+            worker_id=self.worker_id,
+            decider=decider,
+            metrics=self.metrics,
+            reconnect=self._reconnect,
+            slots=self._slots,
+            dispatch=dispatch,
+            stopping=self._stopping,
+            resync=self._resync,
+            give_up=self._give_up,
+            fatal=self._fatal,
+        )
+        self._recorder = recorder
         executor = ThreadPoolExecutor(self.max_concurrent, f"semibot-queue-{self.worker_id}")
-        for _ in range(self.max_concurrent):
-            executor.submit(self._work, runner, ready)
-        acker = Acker(runner, self._slots, _putter(ready), self._stopping, self._resync)
-        self._acker = acker
+        self._loops = [
+            executor.submit(self._work, ready, recorder) for _ in range(self.max_concurrent)
+        ]
         watcher = Watcher(
             worker_id=self.worker_id,
             client=client,
             keys=self.keys,
             settings=self.settings,
-            scripts=runner.scripts,
+            scripts=scripts,
             codec=self._codec,
             metrics=self.metrics,
-            trim_dead_letters=runner.trim_dead_letters,
+            stopping=self._stopping,
+            fatal=self._fatal,
+            check_health=self._check_health,
+            interrupt_pop=self._interrupt_pop,
         )
         try:
-            self._reconnect.call("register", lambda: runner.scripts.heartbeat(self.worker_id))
+            self._reconnect.call("register", watcher.beat)
+            recorder.start()  # before the watcher, which checks that it runs
             watcher.start()
-            acker.start()
             log.info(
                 "queue %s: worker %s started, %d slots",
                 self.keys.queue,
                 self.worker_id,
                 self.max_concurrent,
-                extra={"queue": self.keys.queue, "worker_id": self.worker_id},
+                extra=self._extra(),
             )
-            self._loop(client, runner, _putter(ready))
+            self._loop(scripts, dispatch)
         finally:
             try:
-                self._shutdown(runner, watcher)
+                self._shutdown(scripts, watcher)
             finally:
-                acker.stop()
+                recorder.stop()
                 watcher.stop()
                 for _ in range(self.max_concurrent):
                     ready.put(None)  # each pool thread ends after its current task
                 executor.shutdown(wait=False)
+                self._restore_signal_handlers(previous)
                 self._stopping.clear()
                 self._finished.set()
+                log.info(
+                    "queue %s: worker %s stopped", self.keys.queue, self.worker_id, extra=self._extra()
+                )
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop taking tasks; in-flight ones get ``timeout`` seconds (SHUTDOWN_TIMEOUT).
 
-        Waits until ``start()`` has returned, unless called from one of the worker's
-        own threads (a handler), where waiting would never end.
+        Never blocks: safe from any thread, a handler or a signal handler. ``join()``
+        waits for the worker to have stopped.
         """
         if timeout is not None:
             self._grace = timeout
         self._stopping.set()
-        if not threading.current_thread().name.startswith("semibot-queue-"):
-            self._finished.wait()
 
-    def _install_signal_handlers(self) -> None:
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until ``start()`` has returned (at most ``timeout`` seconds); whether it has."""
+        return self._finished.wait(timeout)
+
+    def __enter__(self) -> TaskConsumer:
+        self.connect()
+        self._finished.clear()
+        self._background = threading.Thread(
+            target=self._run_in_background, name=f"semibot-queue-main-{self.worker_id}"
+        )
+        self._background.start()
+        return self
+
+    def _run_in_background(self) -> None:
+        try:
+            self.start()
+        except QueueError:
+            log.exception("queue %s: worker %s failed", self.keys.queue, self.worker_id)
+        finally:
+            self._finished.set()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+        if self._background is not None:
+            self._background.join()
+            self._background = None
+        self.disconnect()
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
         if not self._handle_signals or threading.current_thread() is not threading.main_thread():
-            return
+            return {}
+        previous = {}
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._on_signal)
+            previous[signum] = signal.signal(signum, self._on_signal)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
     def _on_signal(self, _signum: int, _frame: FrameType | None) -> None:
         # Only set events: the loop and the shutdown wait act on them.
@@ -245,63 +340,108 @@ class TaskConsumer:
             self._hurry.set()
         self._stopping.set()
 
+    def _check_health(self) -> None:
+        """Called by the watcher: a worker whose pool loops or recorder died cannot serve
+        its queue, so it must not look alive."""
+        recorder = self._recorder
+        if recorder is not None and not recorder.is_alive() and not self._stopping.is_set():
+            self._fatal.set(QueueError("the outcome recorder thread died"))
+        for loop in self._loops:
+            if loop.done() and not self._stopping.is_set():
+                self._fatal.set(QueueError(f"a pool thread ended: {loop.exception()!r}"))
+
+    def _interrupt_pop(self) -> None:
+        """Called by the watcher once stopping: end a blocking pop now, not in
+        QUEUE_POLL_TIMEOUT. A task it took meanwhile is given back with the others."""
+        connection = self._pop_connection
+        if connection is not None:
+            connection.disconnect()
+
     # --- the fetch loop -------------------------------------------------------------
 
-    def _loop(
-        self, client: Client, runner: TaskRunner, dispatch: Callable[[list[bytes]], None]
-    ) -> None:
+    def _loop(self, scripts: Scripts, dispatch: Callable[[list[Delivery]], None]) -> None:
         failures = 0
         while not self._stopping.is_set():
-            if self._redis_lost.is_set():
-                raise QueueConnectionError(
-                    f"Redis at {self._reconnect.url} unreachable after"
-                    f" {self.settings.max_reconnect_attempts} attempts (recording outcomes)"
-                )
+            self._fatal.raise_if_set()
             free = self._slots.reserve()
             if free == 0:
                 self._wait_for_slot()
                 continue
-            batch: list[bytes] = []
+            batch: list[Delivery] = []
             try:
                 if self._resync.is_set():
-                    batch = self._orphans(client, free)
+                    batch = self._orphans(scripts, free)
                 else:
-                    batch = self._take(client, runner.scripts, free)
-            except TRANSIENT as exc:
-                failures += 1
+                    batch = self._take(scripts, free)
+            except REDIS_ERRORS as exc:
                 self._resync.set()  # a move whose reply was lost leaves an orphan
-                self._reconnect.wait_after(exc, "fetch", failures)
+                if self._stopping.is_set():
+                    break  # the pop was interrupted on purpose
+                failures += 1
+                if not repeatable(exc):
+                    raise translate(exc, "fetch", url=self.redis_url) from exc
+                # Raises QueueConnectionError once out of attempts.
+                self._reconnect.wait_after(_as_transient(exc), "fetch", failures)
                 continue
             finally:
-                self._slots.fill(free, batch)
+                self._slots.fill(free, [d.stored for d in batch])
             failures = 0
             dispatch(batch)
+        self._fatal.raise_if_set()
 
-    def _take(self, client: Client, scripts: Scripts, free: int) -> list[bytes]:
+    def _take(self, scripts: Scripts, free: int) -> list[Delivery]:
         batch = scripts.fetch(self.inflight, free)
         if batch:
-            return batch
-        # BLMOVE takes a float timeout (Redis 6+); redis-py's signature says int.
-        timeout = cast("int", self.settings.blocking_timeout)
-        one = client.blmove(self.keys.pending, self.inflight, timeout, "RIGHT", "LEFT")
-        return [] if one is None else [as_bytes(one)]
+            return [Delivery(stored, count) for stored, count in batch]
+        one = self._pop()
+        if one is None:
+            return []
+        return [Delivery(one, scripts.counts(one))]
 
-    def _orphans(self, client: Client, free: int) -> list[bytes]:
+    def _pop(self) -> bytes | None:
+        """BLMOVE one task, waiting up to QUEUE_POLL_TIMEOUT (cut short by ``stop()``)."""
+        if self._pop_client is None:  # pragma: no cover - set by connect
+            raise QueueError("consumer is not connected")
+        pool = self._pop_client.connection_pool
+        connection = pool.get_connection()
+        self._pop_connection = connection
+        try:
+            if self._stopping.is_set():
+                return None
+            connection.send_command(
+                "BLMOVE", self.keys.pending, self.inflight, "RIGHT", "LEFT", self._pop_timeout
+            )
+            return cast("bytes | None", connection.read_response())
+        except Exception:
+            # A reply left half read must not reach the next call. When stop() cut the
+            # pop short (the watcher closed the link under it, whatever error that shows
+            # as), a task it may have taken is given back with the rest at release.
+            connection.disconnect()
+            if self._stopping.is_set():
+                return None
+            raise
+        finally:
+            self._pop_connection = None
+            pool.release(connection)
+
+    def _orphans(self, scripts: Scripts, free: int) -> list[Delivery]:
         """Up to ``free`` tasks of our in-flight list that no thread runs: taken by a call
         whose reply was lost. Clears the resync flag once none are left over."""
-        if not self._slots.taking.acquire(timeout=self.settings.blocking_timeout):
-            return []  # the acker is mid-call; look again on the next turn
+        if self._client is None:  # pragma: no cover - set by connect
+            return []
+        if not self._slots.taking.acquire(timeout=self.settings.stop_poll_slice):
+            return []  # the recorder is mid-call; look again on the next turn
         try:
-            present = cast("list[bytes]", client.lrange(self.inflight, 0, -1))
+            present = cast("list[bytes]", self._client.lrange(self.inflight, 0, -1))
             missing = self._slots.missing(present)
         finally:
             self._slots.taking.release()
         if len(missing) <= free:
             self._resync.clear()
-        return missing[:free]
+        return [Delivery(stored, scripts.counts(stored)) for stored in missing[:free]]
 
     def _wait_for_slot(self) -> None:
-        if self._slots.wait_free(self.settings.blocking_timeout):
+        if self._slots.wait_free(self.settings.stop_poll_slice):
             return
         now = time.monotonic()
         if now - self._last_busy_warning < self.settings.busy_warning_interval:
@@ -312,45 +452,55 @@ class TaskConsumer:
             self.keys.queue,
             self.worker_id,
             self.max_concurrent,
-            extra={"queue": self.keys.queue, "worker_id": self.worker_id},
+            extra=self._extra(),
         )
 
-    def _work(self, runner: TaskRunner, ready: queue.SimpleQueue[bytes | None]) -> None:
-        # One long-lived loop per pool thread: a task handed over costs a queue put, not
-        # a Future (the acker hands over several per round trip).
-        while (stored := ready.get()) is not None:
-            self._run(runner, stored)
+    # --- the pool -------------------------------------------------------------------
 
-    def _run(self, runner: TaskRunner, stored: bytes) -> None:
-        try:
-            success = self._process_task(runner, stored)
-        except BaseException:
-            self._slots.finish(stored)
-            raise
-        if success is not None and self._acker.submit(*success):
-            return  # the acker frees the slot once the success is recorded
-        if success is not None:
-            # Finished after shutdown: ack alone. If the task was given back, nothing is
-            # recorded; if giving it back failed, this records its result after all.
-            runner.ack_batch([success], 0, self._resync.set)
-        self._slots.finish(stored)
+    def _work(self, ready: queue.SimpleQueue[Delivery | None], recorder: Recorder) -> None:
+        # One long-lived loop per pool thread, fed by a queue: a task handed over costs a
+        # queue put, not a Future. Nothing a task does can end it (see outcomes.py).
+        while (delivery := ready.get()) is not None:
+            recorder.submit(self._process_task(delivery))
 
-    def _process_task(self, runner: TaskRunner, stored: bytes) -> Success | None:
-        """Run one task as taken from Redis; its success, to ack, or None if recorded."""
-        return runner.run(stored)
+    def _process_task(self, delivery: Delivery) -> Outcome:
+        """Run one task as taken from Redis; its outcome, for the recorder."""
+        decider = self._decider
+        if decider is None:  # pragma: no cover - set by start
+            raise QueueError("consumer is not started")
+        return decider.decide(delivery)
 
     def _publish_result(self, delivery: Delivery, result: TaskResult) -> None:
-        """Ack ``delivery`` with ``result``: stored, published, out of the in-flight list."""
-        if self._runner is None:
+        """Record ``result`` for ``delivery``: stored, published, out of the in-flight list."""
+        if self._scripts is None:
             raise QueueError("consumer is not connected")
-        encoded = self._codec.encode_result(result)
-        self._runner.ack_batch([(delivery, encoded)], 0, self._resync.set)
+        acks = [
+            (
+                delivery.stored,
+                result.task_id,
+                self._codec.encode_result(result),
+                self.keys.result_channel(result.session_id),
+            )
+        ]
+        self._scripts.ack(self.inflight, self.settings.result_ttl, acks, 0)
 
     # --- shutdown ---------------------------------------------------------------------
 
-    def _shutdown(self, runner: TaskRunner, watcher: Watcher) -> None:
+    def _shutdown(self, scripts: Scripts, watcher: Watcher) -> None:
+        if self._fatal.is_set():
+            # Leave everything in flight: recovery counts these deliveries, so a task that
+            # keeps stopping workers ends as poison instead of looping.
+            self._give_up.set()
+            watcher.stop()
+            log.error(
+                "queue %s: worker %s cannot go on; its tasks stay in flight for recovery",
+                self.keys.queue,
+                self.worker_id,
+                extra=self._extra(),
+            )
+            return
         deadline = time.monotonic() + self._grace
-        unfinished = self._slots.wait_idle(deadline, self._hurry, self.settings.blocking_timeout)
+        unfinished = self._slots.wait_idle(deadline, self._hurry, self.settings.stop_poll_slice)
         self._give_up.set()
         watcher.stop()  # its next heartbeat would register the worker again after release
         self.unfinished = [task_id_of(stored) for stored in unfinished]
@@ -359,17 +509,17 @@ class TaskConsumer:
                 "queue %s: task %s still running at shutdown; given back to pending",
                 self.keys.queue,
                 task_id,
-                extra={"queue": self.keys.queue, "task_id": task_id, "worker_id": self.worker_id},
+                extra=self._extra(task_id),
             )
         try:
-            left = runner.scripts.release(self.worker_id, self.settings.max_queue_length)
-        except TRANSIENT as exc:
+            left = scripts.release(self.worker_id, self.settings.max_queue_length)
+        except (*REDIS_ERRORS, QueueError) as exc:
             log.error(
                 "queue %s: worker %s could not deregister (%s); its tasks will be recovered",
                 self.keys.queue,
                 self.worker_id,
                 exc,
-                extra={"queue": self.keys.queue, "worker_id": self.worker_id},
+                extra=self._extra(),
             )
             return
         if left:
@@ -378,5 +528,28 @@ class TaskConsumer:
                 self.keys.queue,
                 left,
                 self.worker_id,
-                extra={"queue": self.keys.queue, "worker_id": self.worker_id},
+                extra=self._extra(),
             )
+
+
+def _pop_timeout(client: Client, poll_timeout: float) -> float:
+    """How long a blocking pop may wait on an injected client: QUEUE_POLL_TIMEOUT, cut to
+    leave BLOCKING_MARGIN under the client's socket timeout."""
+    socket_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+    if socket_timeout is None:
+        return poll_timeout
+    wait = min(poll_timeout, float(socket_timeout) - BLOCKING_MARGIN)
+    if wait <= 0:
+        raise QueueError(
+            f"the given client's socket timeout ({socket_timeout}s) leaves no room for a"
+            f" blocking pop: it must exceed BLOCKING_MARGIN ({BLOCKING_MARGIN}s)"
+        )
+    return wait
+
+
+def _as_transient(exc: Exception) -> Exception:
+    """``exc`` as an error the reconnect loop waits after: out of memory is waited out
+    like an outage (the fetch is a write that Redis refuses whole)."""
+    if isinstance(translate(exc), QueueOutOfMemoryError):
+        return redis.ConnectionError(f"Redis out of memory: {exc}")
+    return exc

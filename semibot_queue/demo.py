@@ -10,11 +10,12 @@ import threading
 import time
 from typing import Any
 
-import fakeredis
 from prometheus_client import CollectorRegistry
 
 from semibot_queue.connection import Client
+from semibot_queue.constants import DEMO_POLL_TIMEOUT
 from semibot_queue.consumer import TaskConsumer
+from semibot_queue.errors import QueueError
 from semibot_queue.models import TaskMessage, TaskPayload
 from semibot_queue.producer import TaskProducer
 from semibot_queue.settings import QueueSettings
@@ -40,6 +41,18 @@ class _FlakyOnce:
         return {"agent": message.agent_id, "reply": f"Done: {question.lower()}."}
 
 
+def _embedded_redis() -> Client:
+    try:
+        import fakeredis  # noqa: PLC0415 - the demo extra; workers never import it
+    except ImportError:
+        raise QueueError(
+            "the demo's embedded Redis needs fakeredis: pip install 'semibot-queue[demo]',"
+            " or give --redis-url"
+        ) from None
+    client: Client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    return client
+
+
 def run(redis_url: str | None, tasks: int, queue: str, out: Any) -> int:
     """Enqueue ``tasks`` agent runs, process them, print each result and a summary.
 
@@ -47,8 +60,11 @@ def run(redis_url: str | None, tasks: int, queue: str, out: Any) -> int:
     """
     client: Client | None = None
     if redis_url is None:
-        client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-    settings = QueueSettings(retry_base_delay=0.05, retry_max_delay=0.5)
+        client = _embedded_redis()
+    # fakeredis cannot cut a blocking pop short: a short poll keeps the demo's stop quick.
+    settings = QueueSettings(
+        retry_base_delay=0.05, retry_max_delay=0.5, queue_poll_timeout=DEMO_POLL_TIMEOUT
+    )
     registry = CollectorRegistry()
     consumer = TaskConsumer(
         redis_url,

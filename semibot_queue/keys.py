@@ -57,9 +57,12 @@ class KeySpace:
 
     @classmethod
     def of(cls, queue: str | None, settings: QueueSettings) -> KeySpace:
-        """The key space of ``queue`` (default: the settings' queue) under ``settings``."""
+        """The key space of ``queue`` (None: the settings' queue) under ``settings``.
+
+        An empty name is refused like any other bad name, never read as "the default".
+        """
         return cls(
-            queue or settings.default_queue_name,
+            settings.default_queue_name if queue is None else queue,
             settings.result_channel_prefix,
             settings.dead_letter_queue,
         )
@@ -147,9 +150,14 @@ class KeySpace:
         """Prefix of stored results; a script appends the task id."""
         return f"{self._tag}:result:"
 
+    @property
+    def accepted_prefix(self) -> str:
+        """Prefix of idempotency markers; a script appends the task id."""
+        return f"{self._tag}:accepted:"
+
     def accepted(self, task_id: str) -> str:
         """Marker that ``task_id`` was enqueued, so that a repeated enqueue is a no-op."""
-        return f"{self._tag}:accepted:" + validate_name(task_id, "task id")
+        return self.accepted_prefix + validate_name(task_id, "task id")
 
     def result(self, task_id: str) -> str:
         """String holding the JSON result of ``task_id`` for RESULT_TTL seconds."""

@@ -6,6 +6,7 @@ the field; they do no I/O. :mod:`semibot_queue.codec` turns them into JSON and b
 
 from __future__ import annotations
 
+import math
 import uuid
 from typing import Any, Literal
 
@@ -15,13 +16,25 @@ from semibot_queue.constants import MAX_NAME_LENGTH
 from semibot_queue.errors import InvalidTaskError
 from semibot_queue.keys import is_valid_name
 
-Status = Literal["succeeded", "failed"]
-STATUSES: tuple[Status, ...] = ("succeeded", "failed")
+Status = Literal["succeeded", "failed", "cancelled"]
+STATUSES: tuple[Status, ...] = ("succeeded", "failed", "cancelled")
+
+#: Characters of a bad value shown in a validation error.
+_SHOWN_CHARS = 80
+
+
+def _shown(value: object) -> str:
+    """A short repr of ``value`` for an error message; never raises."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - a value whose repr fails is named by its type
+        return f"a {type(value).__name__}"
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
 
 
 def _non_empty_text(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, str) or not value:
-        raise InvalidTaskError(f"{attribute.name}: must be a non-empty string, got {value!r}")
+        raise InvalidTaskError(f"{attribute.name}: must be a non-empty string, got {_shown(value)}")
 
 
 def _messages(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -34,7 +47,7 @@ def _messages(_: object, attribute: attrs.Attribute[Any], value: object) -> None
         where = f"{attribute.name}[{index}]"
         if not isinstance(item, dict) or set(item) != {"role", "content"}:
             raise InvalidTaskError(
-                f"{where}: must be a mapping with exactly 'role' and 'content', got {item!r}"
+                f"{where}: must be a mapping with exactly 'role' and 'content', got {_shown(item)}"
             )
         for key in ("role", "content"):
             if not isinstance(item[key], str):
@@ -50,14 +63,26 @@ def _mapping(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
 
 def _count(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidTaskError(f"{attribute.name}: must be a whole number >= 0, got {value!r}")
+        raise InvalidTaskError(
+            f"{attribute.name}: must be a whole number >= 0, got {_shown(value)}"
+        )
+
+
+def _seconds(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidTaskError(f"{attribute.name}: must be a finite number, got {_shown(value)}")
+
+
+def _optional_text(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and not isinstance(value, str):
+        raise InvalidTaskError(f"{attribute.name}: must be a string or None, got {_shown(value)}")
 
 
 def _task_id(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, str) or not is_valid_name(value):
         raise InvalidTaskError(
             f"{attribute.name}: must be 1 to {MAX_NAME_LENGTH} of A-Z a-z 0-9 _ . : -,"
-            f" got {value!r}"
+            f" got {_shown(value)}"
         )
 
 
@@ -70,16 +95,19 @@ class TaskPayload:
     """What a producer enqueues: one agent run for one session.
 
     ``messages`` is a list of ``{"role": str, "content": str}``; ``config`` and
-    ``metadata`` must be JSON-serialisable mappings.
+    ``metadata`` must be JSON-serialisable mappings. What is enqueued is checked again
+    when it is encoded, so changing these after construction cannot smuggle anything in.
+    ``task_id`` comes first so that it leads the stored JSON, where Lua scripts find it
+    with a plain search.
     """
 
+    task_id: str = attrs.field(factory=_new_task_id, validator=_task_id)
     session_id: str = attrs.field(validator=_non_empty_text)
     agent_id: str = attrs.field(validator=_non_empty_text)
     org_id: str = attrs.field(validator=_non_empty_text)
     messages: list[dict[str, str]] = attrs.field(validator=_messages)
     config: dict[str, Any] = attrs.field(factory=dict, validator=_mapping)
     metadata: dict[str, Any] = attrs.field(factory=dict, validator=_mapping)
-    task_id: str = attrs.field(factory=_new_task_id, validator=_task_id)
 
 
 @attrs.frozen(kw_only=True)
@@ -91,10 +119,10 @@ class TaskMessage(TaskPayload):
     worker died holding it); ``last_error`` is the error of the previous attempt.
     """
 
-    enqueued_at: float = attrs.field(default=0.0)
+    enqueued_at: float = attrs.field(default=0.0, validator=_seconds)
     retry_count: int = attrs.field(default=0, validator=_count)
     delivery_count: int = attrs.field(default=0, validator=_count)
-    last_error: str | None = attrs.field(default=None)
+    last_error: str | None = attrs.field(default=None, validator=_optional_text)
 
     @classmethod
     def from_payload(cls, payload: TaskPayload, enqueued_at: float) -> TaskMessage:
@@ -103,18 +131,32 @@ class TaskMessage(TaskPayload):
 
 
 def _status(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value not in STATUSES:
-        raise InvalidTaskError(f"{attribute.name}: must be one of {STATUSES}, got {value!r}")
+    if not isinstance(value, str) or value not in STATUSES:
+        raise InvalidTaskError(f"{attribute.name}: must be one of {STATUSES}, got {_shown(value)}")
+
+
+def _outcome_value(instance: TaskResult, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and instance.status != "succeeded":
+        raise InvalidTaskError(
+            f"{attribute.name}: a {instance.status} task has no result value (its error"
+            f" says why), got a {type(value).__name__}"
+        )
 
 
 @attrs.frozen(kw_only=True)
 class TaskResult:
-    """The final outcome of a task, stored for RESULT_TTL and published to its session."""
+    """The final outcome of a task, stored for RESULT_TTL and published to its session.
+
+    ``result`` is the handler's return value of a succeeded task and None otherwise. On
+    the wire (the Semibot runtime's format) the key ``result`` of a failed or cancelled
+    task holds ``{"error": "<text>"}``, so that the runtime's waiters tell a failure from
+    a timeout; decoding gives this model back.
+    """
 
     task_id: str
     session_id: str
     status: Status = attrs.field(validator=_status)
-    result: Any = None
+    result: Any = attrs.field(default=None, validator=_outcome_value)
     error: str | None = None
     attempts: int = 1
     duration_s: float = 0.0
@@ -131,8 +173,12 @@ class DeadLetterRecord:
     ``message`` is the task as it was last stored; a payload that could not be parsed
     has ``message=None`` and keeps its bytes in ``raw`` (base64 when not UTF-8).
     ``reason`` is one of ``exhausted``, ``permanent``, ``invalid`` or ``poison``.
+    ``id`` is the record's own id, ``<task_id>#<n>``: every dead letter is a record of its
+    own, so one task id may have several. It is set when a record is read back (Redis
+    numbers the records); a record being written has ``id=None``.
     """
 
+    id: str | None = None
     task_id: str
     reason: str
     error_type: str

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -12,9 +13,9 @@ from types import TracebackType
 from prometheus_client import CollectorRegistry
 
 from semibot_queue.codec import Codec
-from semibot_queue.connection import TRANSIENT, Client, Reconnector, as_bytes, make_client
+from semibot_queue.connection import REDIS_ERRORS, Client, Reconnector, as_bytes, make_client
 from semibot_queue.constants import DEFAULT_REDIS_URL, MAX_TRACKED_SESSIONS
-from semibot_queue.errors import InvalidTaskError, QueueError, QueueFullError
+from semibot_queue.errors import DuplicateTaskError, InvalidTaskError, QueueError, QueueFullError
 from semibot_queue.keys import KeySpace
 from semibot_queue.metrics import Metrics
 from semibot_queue.models import TaskPayload, TaskResult
@@ -22,6 +23,15 @@ from semibot_queue.scripts import Scripts
 from semibot_queue.settings import QueueSettings
 
 log = logging.getLogger("semibot_queue.producer")
+
+#: Bytes of randomness in the token an enqueue call marks its task ids with.
+_TOKEN_BYTES = 8
+
+#: Task ids named at most in one DuplicateTaskError or InvalidTaskError message.
+_NAMED_IDS = 5
+
+#: What the enqueue script answers when the tasks do not fit, or an id is live.
+_FULL, _LIVE = -1, -2
 
 
 def default_redis_url() -> str:
@@ -100,28 +110,49 @@ class TaskProducer:
     def enqueue(self, payload: TaskPayload) -> str:
         """Put ``payload`` on the queue; its task id.
 
-        Raises InvalidTaskError (nothing written) for a bad payload and QueueFullError
-        (nothing written) when the pending list is at MAX_QUEUE_LENGTH.
+        Nothing is written when it raises: InvalidTaskError for a bad payload,
+        QueueFullError when the pending list is at MAX_QUEUE_LENGTH, DuplicateTaskError
+        when a task of the same id is still live (enqueued less than IDEMPOTENCY_TTL ago
+        and not finished, cleared or purged since). A repeat the library makes itself
+        after a lost reply never writes a second copy.
         """
         return self.enqueue_many([payload])[0]
 
     def enqueue_many(self, payloads: Iterable[TaskPayload]) -> list[str]:
-        """Put all ``payloads`` on the queue in one round trip, or none of them."""
+        """Put all ``payloads`` on the queue in one round trip, or none of them.
+
+        Raises as ``enqueue`` does, for any one of them; a task id given twice in
+        ``payloads`` is an InvalidTaskError.
+        """
         batch = list(payloads)
         if not batch:
             return []
+        for index, payload in enumerate(batch):
+            if not isinstance(payload, TaskPayload):
+                raise InvalidTaskError(
+                    f"payload #{index}: expected a TaskPayload, got {type(payload).__name__}"
+                )
+        _refuse_repeated_ids(batch)
         now = time.time()
-        encoded = [self._encode(payload, now, index) for index, payload in enumerate(batch)]
-        tasks = [(payload.task_id, task) for payload, task in zip(batch, encoded, strict=True)]
+        tasks = [(p.task_id, self._codec.encode_new(p, now)) for p in batch]
         _, scripts = self._connected()
-        limit = self.settings.max_queue_length
-        # Safe to repeat after a lost reply: the script skips task ids it already took.
-        length = self._retry.call(
+        limit, ttl = self.settings.max_queue_length, self.settings.idempotency_ttl
+        # One token per call, the same on every try: a try repeated after a lost reply
+        # finds its own token on the markers and writes nothing again.
+        token = secrets.token_hex(_TOKEN_BYTES)
+        length, live = self._retry.call(
             "enqueue",
-            lambda: scripts.enqueue(tasks, limit, self.settings.result_ttl),
+            lambda: scripts.enqueue(tasks, limit, ttl, token),
             task_id=batch[0].task_id,
         )
-        if length < 0:
+        if length == _LIVE:
+            ids = [batch[i].task_id for i in live]
+            raise DuplicateTaskError(
+                f"queue {self.keys.queue}: task id {_named(ids)} still live (enqueued less"
+                f" than IDEMPOTENCY_TTL={ttl}s ago and not finished, cleared or purged):"
+                f" {len(batch)} task(s) refused, nothing written"
+            )
+        if length == _FULL:
             self._metrics.rejected.inc(len(batch))
             log.error(
                 "queue %s full (limit %d): refused %d task(s), first %s",
@@ -150,13 +181,6 @@ class TaskProducer:
             self._remember(payload)
         return [payload.task_id for payload in batch]
 
-    def _encode(self, payload: TaskPayload, now: float, index: int) -> bytes:
-        if not isinstance(payload, TaskPayload):
-            raise InvalidTaskError(
-                f"payload #{index}: expected a TaskPayload, got {type(payload).__name__}"
-            )
-        return self._codec.encode_new(payload, now)
-
     def _remember(self, payload: TaskPayload) -> None:
         self._sessions[payload.task_id] = payload.session_id
         while len(self._sessions) > MAX_TRACKED_SESSIONS:
@@ -179,8 +203,9 @@ class TaskProducer:
         while True:
             try:
                 return self._listen(client, task_id, result_key, session, deadline)
-            except TRANSIENT as exc:
+            except REDIS_ERRORS as exc:
                 # Re-subscribe and look again: a result published meanwhile is stored.
+                # (wait_after raises at once, translated, what retrying will not fix.)
                 failures += 1
                 self._retry.wait_after(exc, "wait_for_result", failures)
 
@@ -207,7 +232,10 @@ class TaskProducer:
                 )
                 if message is None:
                     continue
-                result = self._codec.decode_result(message["data"])
+                try:
+                    result = self._codec.decode_result(message["data"])
+                except InvalidTaskError:
+                    continue  # not one of our results (another publisher on the channel)
                 if result.task_id == task_id:
                     self._sessions.pop(task_id, None)
                     return result
@@ -225,17 +253,52 @@ class TaskProducer:
         return length
 
     def clear_queue(self) -> int:
-        """Delete every pending task; how many there were. In-flight and retries stay."""
+        """Delete the tasks pending now; how many. In-flight tasks and retries stay.
+
+        Their ids can be enqueued again at once (their idempotency markers go with
+        them). Deleted in batches of MAINTENANCE_BATCH, so Redis is never blocked long:
+        tasks pushed while it runs may be deleted too, and at most as many tasks as
+        were pending when it started are.
+        """
         _, scripts = self._connected()
-        removed = self._retry.call("clear_queue", lambda: scripts.purge(self.keys.pending))
+        batch, max_bytes = self.settings.maintenance_batch, self.settings.max_payload_bytes
+        removed, target = 0, None
+        while True:
+            deleted, left = self._retry.call("clear_queue", lambda: scripts.clear(batch, max_bytes))
+            removed += deleted
+            target = removed + left if target is None else target
+            if deleted == 0 or left == 0 or removed >= target:
+                break
         log.warning(
             "queue %s cleared: %d pending task(s) deleted",
             self.keys.queue,
             removed,
             extra={"queue": self.keys.queue},
         )
-        self._metrics.queue_length.set(0)
+        self._metrics.queue_length.set(left)
         return removed
 
     def __repr__(self) -> str:
         return f"TaskProducer(queue={self.keys.queue!r}, redis_url={self._retry.url!r})"
+
+
+def _named(ids: list[str]) -> str:
+    """Up to _NAMED_IDS task ids for a message, with how many more there are."""
+    shown = ", ".join(ids[:_NAMED_IDS])
+    return shown if len(ids) <= _NAMED_IDS else f"{shown} (and {len(ids) - _NAMED_IDS} more)"
+
+
+def _refuse_repeated_ids(batch: list[TaskPayload]) -> None:
+    """InvalidTaskError naming each task id given more than once, and where."""
+    positions: dict[str, list[int]] = {}
+    for index, payload in enumerate(batch):
+        positions.setdefault(payload.task_id, []).append(index)
+    repeated = [(task_id, where) for task_id, where in positions.items() if len(where) > 1]
+    if repeated:
+        named = "; ".join(
+            f"{task_id} at positions {', '.join(map(str, where))}"
+            for task_id, where in repeated[:_NAMED_IDS]
+        )
+        raise InvalidTaskError(
+            f"enqueue_many: a task id may appear once per call, got {named}: nothing written"
+        )

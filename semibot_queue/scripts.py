@@ -8,30 +8,38 @@ a restart).
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections.abc import Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
 import redis
 
-from semibot_queue.connection import Client
-from semibot_queue.constants import MAX_NAME_LENGTH
-from semibot_queue.keys import KeySpace
+from semibot_queue.connection import Client, check_client
+from semibot_queue.constants import IDLE_SCRIPT_CONNECTIONS, MAINTENANCE_BATCH, MAX_NAME_LENGTH
+from semibot_queue.keys import KeySpace, is_valid_name
+
+#: Prelude defining task_id_of(), key_of() and counts_of() (see its header).
+TASK_ID_PRELUDE = "lib_task_id"
+
+#: Prelude defining add_dead_letter() and the other dead-letter helpers (see its header).
+DEAD_LETTER_PRELUDE = "lib_dead_letter"
 
 
-def _load(name: str) -> str:
-    return (
-        resources.files("semibot_queue").joinpath("lua").joinpath(f"{name}.lua").read_text("utf-8")
-    )
+def load_source(*names: str) -> str:
+    """The source of the scripts ``names``, in order: preludes first, then the script."""
+    lua = resources.files("semibot_queue").joinpath("lua")
+    return "\n".join(lua.joinpath(f"{name}.lua").read_text("utf-8") for name in names)
 
 
 class _Script:
-    """One Lua script, sent straight down a pooled connection.
+    """One Lua script, sent straight down a connection lent by the pool for the call.
 
     This is redis-py's ``Script`` without the client's command layer: on this hot path
     that layer cost more CPU than the round trip itself (about 130 against 50 us per
     call, measured with ``time.process_time``), and a worker makes one call per task.
+    The pool's limits and the client's no-resend rule still hold: a call is sent once.
     """
 
     def __init__(self, connections: _Connections, source: str) -> None:
@@ -40,51 +48,105 @@ class _Script:
         self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
     def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
-        connection = self._connections.get()
+        """Run the script once (never re-sent); raw redis-py errors, callers translate."""
+        connection = self._connections.take()
         try:
-            connection.send_command("EVALSHA", self.sha, len(keys), *keys, *args)
-            try:
-                return connection.read_response()
-            except redis.exceptions.NoScriptError:
-                connection.send_command("SCRIPT", "LOAD", self._source)
-                connection.read_response()
-                connection.send_command("EVALSHA", self.sha, len(keys), *keys, *args)
-                return connection.read_response()
-        except (redis.ConnectionError, redis.TimeoutError):
-            # A reply left half read must never reach this connection's next call; it
-            # reconnects by itself on the next send.
+            return self._run(connection, keys, args)
+        except redis.ResponseError:
+            raise  # an error reply was read whole: the connection is clean
+        except BaseException:
+            # A reply left half read (a lost link, a timeout, an interrupt) must never
+            # reach the connection's next caller: drop it; the pool reconnects on next use.
             connection.disconnect()
             raise
+        finally:
+            self._connections.give_back(connection)
+
+    def _run(self, connection: Any, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        connection.send_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        try:
+            return connection.read_response()
+        except redis.exceptions.NoScriptError:
+            # Redis forgot it (a restart, SCRIPT FLUSH): nothing ran, so sending it is safe.
+            connection.send_command("SCRIPT", "LOAD", self._source)
+            connection.read_response()
+            connection.send_command("EVALSHA", self.sha, len(keys), *keys, *args)
+            return connection.read_response()
 
 
 class _Connections:
-    """One connection per thread, taken from the client's pool once and kept.
+    """Lends the client's pooled connections one call at a time.
 
-    Taking and returning a pooled connection on every call cost as much CPU as the
-    call itself; a thread keeps its own instead. ``close()`` gives them all back.
+    A call takes a connection and gives it back when it ends, so any number of threads
+    share the pool's few (``make_client``'s pool holds at most MAX_CONNECTIONS and makes
+    a caller wait for a free one). Up to IDLE_SCRIPT_CONNECTIONS given-back connections
+    (never more than a quarter of the pool) wait here for the next call instead of going
+    back to the pool: the pool's bookkeeping costs about 20 us of CPU per call, more than
+    the rest of the call. A pool that raises when it runs out (redis-py's plain
+    ConnectionPool, as an injected client may have) is waited for here, on a semaphore
+    of its size. A client that would re-send a command by itself is refused
+    (:func:`check_client`).
     """
 
     def __init__(self, client: Client) -> None:
-        self._pool = client.connection_pool
-        self._local = threading.local()
-        self._taken: list[Any] = []
+        self._pool = check_client(client).connection_pool
+        limit: int = getattr(self._pool, "max_connections", 0) or 0
+        self._keep = min(IDLE_SCRIPT_CONNECTIONS, limit // 4)
+        self._idle: list[Any] = []
         self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._free: threading.BoundedSemaphore | None = None
+        if limit and not isinstance(self._pool, redis.BlockingConnectionPool):
+            self._free = threading.BoundedSemaphore(limit)
 
-    def get(self) -> Any:
-        connection = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = self._pool.get_connection()
-            self._local.connection = connection
-            with self._lock:
-                self._taken.append(connection)
-        return connection
+    def take(self) -> Any:
+        """A connection for one call; waits while the pool has none free."""
+        with self._lock:
+            if self._pid != os.getpid():  # a forked child must not share the parent's sockets
+                self._idle, self._pid = [], os.getpid()
+            connection = self._idle.pop() if self._idle else None
+        if connection is not None:
+            self._check(connection)
+            return connection
+        if self._free is not None:
+            self._free.acquire()
+        try:
+            return self._pool.get_connection()
+        except BaseException:
+            if self._free is not None:
+                self._free.release()
+            raise
+
+    def give_back(self, connection: Any) -> None:
+        """Return ``connection``, taken by :meth:`take`: kept for the next call or pooled."""
+        with self._lock:
+            if len(self._idle) < self._keep and self._pid == os.getpid():
+                self._idle.append(connection)
+                return
+        self._release(connection)
 
     def close(self) -> None:
+        """Give the connections kept between calls back to the pool."""
         with self._lock:
-            taken, self._taken = self._taken, []
-        for connection in taken:
-            self._pool.release(connection)
-        self._local = threading.local()
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            self._release(connection)
+
+    @staticmethod
+    def _check(connection: Any) -> None:
+        """Drop ``connection`` if the server closed it (or left data on it) while it waited
+        here, as the pool does when it lends one: the next send reconnects."""
+        try:
+            stale = connection.can_read()
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            stale = True
+        if stale:
+            connection.disconnect()
+
+    def _release(self, connection: Any) -> None:
+        self._pool.release(connection)
+        if self._free is not None:
+            self._free.release()
 
 
 class Scripts:
@@ -98,49 +160,82 @@ class Scripts:
         def register(source: str) -> _Script:
             return _Script(self._connections, source)
 
-        self._enqueue = register(_load("enqueue"))
-        self._fetch = register(_load("fetch"))
-        self._ack = register(_load("ack"))
-        self._retry = register(_load("retry"))
-        self._dead_letter = register(_load("dead_letter"))
-        self._trim_dead = register(_load("trim_dead"))
-        self._promote = register(_load("promote"))
-        self._heartbeat = register(_load("heartbeat"))
-        self._recover = register(_load("recover"))
-        self._release = register(_load("release"))
-        self._dlq_retry = register(_load("dlq_retry"))
-        self._dlq_delete = register(_load("dlq_delete"))
-        self._purge = register(_load("purge"))
-        self._publish_result = register(_load("publish_result"))
+        self._enqueue = register(load_source("enqueue"))
+        self._clear = register(load_source(TASK_ID_PRELUDE, "clear"))
+        self._fetch = register(load_source(TASK_ID_PRELUDE, "fetch"))
+        self._ack = register(load_source(TASK_ID_PRELUDE, "ack"))
+        self._counts = register(load_source(TASK_ID_PRELUDE, "counts"))
+        self._adopt = register(load_source("adopt"))
+        self._retry = register(load_source("retry"))
+        self._dead_letter = register(load_source(DEAD_LETTER_PRELUDE, "dead_letter"))
+        self._trim_dead = register(load_source(DEAD_LETTER_PRELUDE, "trim_dead"))
+        self._promote = register(load_source("promote"))
+        self._heartbeat = register(load_source("heartbeat"))
+        self._recover = register(load_source(TASK_ID_PRELUDE, DEAD_LETTER_PRELUDE, "recover"))
+        self._release = register(load_source(TASK_ID_PRELUDE, "release"))
+        self._dlq_retry = register(load_source(DEAD_LETTER_PRELUDE, "dlq_retry"))
+        self._dlq_delete = register(load_source(DEAD_LETTER_PRELUDE, "dlq_delete"))
+        self._dlq_purge = register(load_source(DEAD_LETTER_PRELUDE, "dlq_purge"))
+        self._publish_result = register(load_source("publish_result"))
 
     def close(self) -> None:
         """Give every connection the scripts took back to the client's pool."""
         self._connections.close()
 
-    def enqueue(self, tasks: list[tuple[str, bytes]], max_length: int, marker_ttl: int) -> int:
-        """Push ``(task id, task)`` pairs, oldest first, skipping ids already accepted in
-        the last ``marker_ttl`` seconds; the new length, or -1 if the new ones do not fit."""
-        keys = [self._keys.pending] + [self._keys.accepted(task_id) for task_id, _ in tasks]
-        return int(self._enqueue(keys=keys, args=[max_length, marker_ttl, *(t for _, t in tasks)]))
+    def enqueue(
+        self, tasks: list[tuple[str, bytes]], max_length: int, marker_ttl: int, token: str
+    ) -> tuple[int, list[int]]:
+        """Push ``(task id, task)`` pairs, oldest first, all or none, each id marked as
+        accepted for ``marker_ttl`` seconds with this call's ``token``.
 
-    def fetch(self, inflight: str, count: int) -> list[bytes]:
-        """Move up to ``count`` pending tasks into ``inflight``, oldest first."""
-        return list(self._fetch(keys=[self._keys.pending, inflight], args=[count]))
+        Returns ``(new pending length, [])``, ``(-1, [])`` when the tasks do not fit, or
+        ``(-2, positions)`` (0-based) of tasks whose id is still live; nothing is written
+        then. A repeat of the same call (same token, after a lost reply) writes nothing.
+        """
+        keys = [self._keys.pending] + [self._keys.accepted(task_id) for task_id, _ in tasks]
+        args = [max_length, marker_ttl, token, *(t for _, t in tasks)]
+        status, *positions = self._enqueue(keys=keys, args=args)
+        return int(status), [int(p) - 1 for p in positions]
+
+    def clear(self, batch: int, max_bytes: int) -> tuple[int, int]:
+        """Delete up to ``batch`` pending tasks, oldest first, stopping after ``max_bytes``,
+        with their idempotency markers and delivery counts: (deleted, still pending)."""
+        k = self._keys
+        keys = [k.pending, k.crashes, k.releases]
+        args = [batch, max_bytes, k.accepted_prefix, MAX_NAME_LENGTH]
+        deleted, left = self._clear(keys=keys, args=args)
+        return int(deleted), int(left)
+
+    def fetch(self, inflight: str, count: int) -> list[tuple[bytes, int]]:
+        """Move up to ``count`` pending tasks into ``inflight``, oldest first; each with
+        its earlier deliveries lost to dead workers or given back."""
+        keys = [self._keys.pending, inflight, self._keys.crashes, self._keys.releases]
+        moved, counts = self._fetch(keys=keys, args=[count, MAX_NAME_LENGTH])
+        return list(zip(moved, (int(n) for n in counts), strict=True))
+
+    def counts(self, stored: bytes) -> int:
+        """Earlier deliveries of ``stored`` lost to dead workers or given back."""
+        keys = [self._keys.crashes, self._keys.releases]
+        return int(self._counts(keys=keys, args=[stored, MAX_NAME_LENGTH]))
 
     def ack(
         self, inflight: str, ttl: int, acks: list[tuple[bytes, str, bytes, str]], take: int = 0
-    ) -> tuple[list[int], list[bytes]]:
+    ) -> tuple[list[int], list[tuple[bytes, int]]]:
         """Finish tasks given as ``(stored task, task id, result JSON, channel)``, then take
         up to ``take`` pending tasks into ``inflight``.
 
-        Returns a flag per finished task (1 recorded, 0 already recovered) and the taken tasks.
+        Returns a flag per finished task (1 recorded, 0 already recovered) and the taken
+        tasks, each with its earlier lost or given-back deliveries.
         """
-        keys = [inflight, self._keys.pending] + [self._keys.result(t) for _, t, _, _ in acks]
-        args: list[Any] = [ttl, take]
-        for stored, _, result, channel in acks:
-            args += [stored, result, channel]
-        flags, taken = self._ack(keys=keys, args=args)
-        return [int(flag) for flag in flags], list(taken)
+        k = self._keys
+        keys = [inflight, k.pending, k.crashes, k.releases]
+        args: list[Any] = [ttl, take, MAX_NAME_LENGTH]
+        for stored, task_id, result, channel in acks:
+            keys += [k.result(task_id), k.accepted(task_id)]
+            args += [stored, result, channel, task_id]
+        flags, taken, counts = self._ack(keys=keys, args=args)
+        pairs = list(zip(taken, (int(n) for n in counts), strict=True))
+        return [int(flag) for flag in flags], pairs
 
     def retry(self, inflight: str, stored: bytes, next_task: bytes, delay_ms: int) -> bool:
         """Schedule ``next_task`` in ``delay_ms``; False if ``stored`` was no longer in flight."""
@@ -152,72 +247,139 @@ class Scripts:
         inflight: str,
         stored: bytes,
         task_id: str,
-        record: bytes,
+        record_json: bytes,
+        raw: bytes | None,
         result: tuple[bytes, str, int] | None,
-    ) -> bool:
-        """Move ``stored`` to the dead letters; ``result`` is (JSON, channel, ttl) or None."""
-        keys = [inflight, self._keys.dead, self._keys.dead_index, self._keys.result(task_id)]
-        payload, channel, ttl = result if result is not None else (b"", "", 0)
-        args: list[Any] = [stored, task_id, record, payload, ttl, channel]
-        return bool(self._dead_letter(keys=keys, args=args))
+    ) -> str | None:
+        """Dead-letter ``stored`` as a new record of its own; the new record id.
 
-    def trim_dead(self, max_length: int, ttl: int) -> list[str]:
-        """Evict expired and excess dead letters; their task ids."""
-        keys = [self._keys.dead, self._keys.dead_index]
-        return [_text(task_id) for task_id in self._trim_dead(keys=keys, args=[max_length, ttl])]
+        ``raw`` is kept verbatim beside the record (a body that could not be parsed);
+        ``result`` is (failed result JSON, channel, ttl) or None. The task's crash and
+        release counts and its idempotency marker go: this is its final outcome. A
+        ``task_id`` unfit for a key is replaced by ``raw-<sha1 of stored>``. None (nothing
+        written) when ``stored`` was no longer in flight.
+        """
+        if not is_valid_name(task_id):
+            task_id = "raw-" + hashlib.sha1(stored, usedforsecurity=False).hexdigest()
+        k = self._keys
+        keys = [inflight, *self._dead_keys(), k.crashes, k.releases, k.accepted(task_id)]
+        keys.append(k.result(task_id))
+        payload, channel, ttl = result if result is not None else (b"", "", 0)
+        if raw is None:
+            raw, keep = b"", b"0"
+        elif raw == stored:
+            raw, keep = b"", b"2"  # the body itself: sent once, not twice
+        else:
+            keep = b"1"
+        args = [stored, task_id, record_json, raw, keep, payload, ttl, channel]
+        record_id = self._dead_letter(keys=keys, args=args)
+        return None if record_id is None else _text(record_id)
+
+    def trim_dead(self, max_length: int, ttl: int, batch: int = MAINTENANCE_BATCH) -> list[str]:
+        """Evict up to ``batch`` expired, then excess, dead letters; their record ids."""
+        evicted = self._trim_dead(keys=self._dead_keys(), args=[max_length, ttl, batch])
+        return [_text(record_id) for record_id in evicted]
+
+    def _dead_keys(self) -> list[str]:
+        """The five keys of the dead letters, in the order lib_dead_letter.lua reads them."""
+        k = self._keys
+        return [k.dead, k.dead_index, k.dead_ids, k.dead_raw, k.dead_seq]
 
     def promote(self, batch: int, max_length: int) -> int:
         """Move due retries to pending, as many as fit; how many moved."""
         keys = [self._keys.scheduled, self._keys.pending]
         return int(self._promote(keys=keys, args=[batch, max_length]))
 
-    def heartbeat(self, worker_id: str) -> int:
-        """Mark ``worker_id`` alive now; the Redis time in ms."""
-        return int(self._heartbeat(keys=[self._keys.workers], args=[worker_id]))
+    def heartbeat(self, worker_id: str, *, outage_ms: int, grace_ms: int) -> tuple[int, int, int]:
+        """Mark ``worker_id`` alive now: (Redis time in ms, 1 if it was not registered,
+        1 if a grace window was opened because nobody heartbeated for ``outage_ms``)."""
+        k = self._keys
+        reply = self._heartbeat(
+            keys=[k.workers, k.last_beat, k.grace], args=[worker_id, outage_ms, grace_ms]
+        )
+        return int(reply[0]), int(reply[1]), int(reply[2])
+
+    def adopt(self, worker_ids: list[str]) -> list[str]:
+        """Register the in-flight lists of ``worker_ids`` that hold tasks but no registry
+        entry, as seen now; the ids adopted."""
+        keys = [self._keys.workers, *(self._keys.inflight(w) for w in worker_ids)]
+        return [_text(w) for w in self._adopt(keys=keys, args=worker_ids)]
 
     def recover(
         self, worker_id: str, dead_after_ms: int, max_deliveries: int, batch: int, max_length: int
-    ) -> tuple[int, list[str], list[str]] | None:
-        """Requeue a dead worker's tasks: (left in flight, requeued ids, poisoned ids).
-
-        None when the worker turned out to be alive.
-        """
+    ) -> tuple[int, list[str], list[str]] | Literal["alive", "grace"]:
+        """Requeue a dead worker's tasks: (left in flight, requeued task ids, poison
+        dead-letter record ids); "alive" when it heartbeated after all, "grace" inside
+        the window after an outage when nobody is declared dead."""
+        k = self._keys
         keys = [
-            self._keys.workers,
-            self._keys.inflight(worker_id),
-            self._keys.pending,
-            self._keys.dead,
-            self._keys.dead_index,
+            k.workers,
+            k.inflight(worker_id),
+            k.pending,
+            k.crashes,
+            k.releases,
+            k.grace,
+            *self._dead_keys(),
         ]
-        args = [worker_id, dead_after_ms, max_deliveries, batch, max_length, MAX_NAME_LENGTH]
+        args = [
+            worker_id,
+            dead_after_ms,
+            max_deliveries,
+            batch,
+            max_length,
+            MAX_NAME_LENGTH,
+            k.accepted_prefix,
+        ]
         reply = self._recover(keys=keys, args=args)
-        if int(reply[0]) < 0:
-            return None
+        if int(reply[0]) == -1:
+            return "alive"
+        if int(reply[0]) == -2:
+            return "grace"
         return int(reply[0]), [_text(i) for i in reply[1]], [_text(i) for i in reply[2]]
 
     def release(self, worker_id: str, max_length: int) -> int:
         """Give back a stopping worker's tasks; how many could not be given back."""
-        keys = [self._keys.workers, self._keys.inflight(worker_id), self._keys.pending]
-        return int(self._release(keys=keys, args=[worker_id, max_length]))
+        k = self._keys
+        keys = [k.workers, k.inflight(worker_id), k.pending, k.releases]
+        return int(self._release(keys=keys, args=[worker_id, max_length, MAX_NAME_LENGTH]))
 
-    def dlq_retry(self, task_id: str, seen: bytes, task: bytes, max_length: int) -> int:
-        """1 requeued, 0 record gone or changed since read, -1 pending list full."""
-        keys = [self._keys.dead, self._keys.dead_index, self._keys.pending]
-        return int(self._dlq_retry(keys=keys, args=[task_id, seen, task, max_length]))
+    def dlq_retry(
+        self,
+        record_id: str,
+        seen: bytes,
+        task: bytes,
+        limits: tuple[int, int],
+        marker: tuple[str, str] | None,
+    ) -> int:
+        """Push ``task`` back on pending and remove record ``record_id``, if it is still
+        ``seen``. ``limits`` is (MAX_QUEUE_LENGTH, IDEMPOTENCY_TTL); ``marker`` is
+        (task id, this call's token) for a task that parses, None for raw bytes.
 
-    def dlq_delete(self, task_id: str) -> bool:
-        """Delete one dead letter; whether it existed."""
-        keys = [self._keys.dead, self._keys.dead_index]
-        return bool(self._dlq_delete(keys=keys, args=[task_id]))
+        1 requeued (also by an earlier try of this same call), 0 record gone or changed
+        since read, -1 pending list full, -2 the task id is live again.
+        """
+        max_length, marker_ttl = limits
+        if marker is None:
+            mark, marker_key, token = b"0", self._keys.dead_seq, ""
+        else:
+            mark, marker_key, token = b"1", self._keys.accepted(marker[0]), marker[1]
+        keys = [*self._dead_keys(), self._keys.pending, marker_key]
+        args = [record_id, seen, task, max_length, marker_ttl, mark, token]
+        return int(self._dlq_retry(keys=keys, args=args))
+
+    def dlq_delete(self, record_id: str) -> bool:
+        """Delete one dead-letter record; whether it existed."""
+        return bool(self._dlq_delete(keys=self._dead_keys(), args=[record_id]))
+
+    def dlq_purge(self, batch: int = MAINTENANCE_BATCH) -> tuple[int, bool]:
+        """Delete up to ``batch`` dead letters: (how many, whether none is left now)."""
+        deleted, done = self._dlq_purge(keys=self._dead_keys(), args=[batch])
+        return int(deleted), bool(done)
 
     def publish_result(self, task_id: str, result: bytes, channel: str, ttl: int) -> int:
         """Store and publish a final result; how many waiters got it."""
         keys = [self._keys.result(task_id)]
         return int(self._publish_result(keys=keys, args=[result, ttl, channel]))
-
-    def purge(self, key: str, *companions: str) -> int:
-        """Delete ``key`` (and companions); how many entries ``key`` held."""
-        return int(self._purge(keys=[key, *companions]))
 
 
 def _text(value: bytes | str) -> str:

@@ -1,8 +1,11 @@
 """The watcher thread of a worker: heartbeats, crash recovery, due retries, housekeeping.
 
-It never runs tasks. Its loop wakes every WATCHER_TICK: it promotes due retries each
-time, and every HEARTBEAT_INTERVAL it heartbeats, recovers workers silent for longer
-than WORKER_DEAD_AFTER, trims the dead letters and refreshes the length gauges.
+It never runs tasks. Its loop wakes every WATCHER_TICK: it promotes due retries and
+checks that the worker's own threads are alive each time; every HEARTBEAT_INTERVAL it
+heartbeats, recovers workers silent for longer than WORKER_DEAD_AFTER (never inside the
+grace window that follows an outage), adopts in-flight lists that no registry entry
+points to, trims the dead letters and refreshes the length gauges. Once the worker is
+stopping it ends a blocking pop at once.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from typing import cast
 import attrs
 
 from semibot_queue.codec import Codec
-from semibot_queue.connection import TRANSIENT, Client, as_bytes
-from semibot_queue.constants import WATCHER_TICK
-from semibot_queue.dead_letter import raw_bytes
+from semibot_queue.connection import REDIS_ERRORS, Client, translate
+from semibot_queue.constants import ADOPT_EVERY, WATCHER_TICK
+from semibot_queue.errors import QueueError
 from semibot_queue.keys import KeySpace
 from semibot_queue.metrics import Metrics
 from semibot_queue.models import TaskResult
+from semibot_queue.recorder import Fatal, repeatable
 from semibot_queue.scripts import Scripts
 from semibot_queue.settings import QueueSettings
 
@@ -39,15 +43,20 @@ class Watcher:
     scripts: Scripts
     codec: Codec
     metrics: Metrics
-    trim_dead_letters: Callable[[], None]
+    stopping: threading.Event = attrs.field(factory=threading.Event)
+    fatal: Fatal = attrs.field(factory=Fatal)
+    check_health: Callable[[], None] = lambda: None
+    interrupt_pop: Callable[[], None] = lambda: None
     clock: Callable[[], float] = time.monotonic
     _stop: threading.Event = attrs.field(factory=threading.Event)
     _thread: threading.Thread | None = None
     _next_beat: float = 0.0
+    _beats: int = 0
 
     def start(self) -> None:
         """Start the thread (the worker has already sent its first heartbeat)."""
         self._next_beat = self.clock() + self.settings.heartbeat_interval
+        self._stop.clear()
         self._thread = threading.Thread(
             target=self._run, name=f"semibot-queue-watcher-{self.worker_id}", daemon=True
         )
@@ -62,9 +71,18 @@ class Watcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            if self.stopping.is_set():
+                self.interrupt_pop()
             try:
-                self.tick()
-            except TRANSIENT as exc:
+                self.check_health()
+                if not self.fatal.is_set():
+                    self.tick()
+            except REDIS_ERRORS as exc:
+                if not repeatable(exc):
+                    log.error("queue %s: watcher of %s refused: %s", self.keys.queue, self.worker_id, exc)
+                    self.fatal.set(translate(exc, "the watcher's round"))
+                    self._stop.wait(WATCHER_TICK)
+                    continue
                 self.metrics.reconnects.inc()
                 log.warning(
                     "queue %s: watcher of %s cannot reach Redis (%s); retrying",
@@ -73,10 +91,33 @@ class Watcher:
                     exc,
                     extra={"queue": self.keys.queue, "worker_id": self.worker_id},
                 )
-            except Exception:
-                # A bug here must not stop heartbeats for good: log it and go on.
-                log.exception("queue %s: watcher tick failed", self.keys.queue)
+            except Exception as exc:
+                # A worker that cannot heartbeat or recover would look dead or alive
+                # without being either: stop it, so a supervisor restarts it.
+                log.exception("queue %s: watcher of %s failed", self.keys.queue, self.worker_id)
+                error = translate(exc, "watcher") if not isinstance(exc, QueueError) else exc
+                self.fatal.set(error)
             self._stop.wait(WATCHER_TICK)
+
+    def beat(self) -> bool:
+        """Heartbeat now; whether the worker had been forgotten (taken for dead)."""
+        s = self.settings
+        # A silence this long means every worker may look dead: one heartbeat before it
+        # began plus this gap reach WORKER_DEAD_AFTER.
+        gap = s.worker_dead_after - s.heartbeat_interval
+        _, added, opened = self.scripts.heartbeat(
+            self.worker_id, outage_ms=int(gap * 1000), grace_ms=int(s.worker_dead_after * 1000)
+        )
+        if opened:
+            log.warning(
+                "queue %s: no worker heartbeated for over %.1fs (an outage?): no worker is"
+                " declared dead for the next %.1fs",
+                self.keys.queue,
+                gap,
+                s.worker_dead_after,
+                extra={"queue": self.keys.queue, "worker_id": self.worker_id},
+            )
+        return bool(added)
 
     def tick(self) -> None:
         """One round: promote due retries; heartbeat and recover when due."""
@@ -85,10 +126,27 @@ class Watcher:
         if self.clock() < self._next_beat:
             return
         self._next_beat = self.clock() + s.heartbeat_interval
-        self.scripts.heartbeat(self.worker_id)
+        self.beat()
+        self._beats += 1
+        if self._beats % ADOPT_EVERY == 1:
+            self.adopt_orphan_lists()
         self.recover_dead_workers()
         self.trim_dead_letters()
         self.refresh_gauges()
+
+    def trim_dead_letters(self) -> None:
+        """Evict dead letters past their TTL or bound, logging and counting each one."""
+        s = self.settings
+        for record_id in self.scripts.trim_dead(s.dead_letter_max_length, s.dead_letter_ttl):
+            self.metrics.evictions.inc()
+            log.warning(
+                "queue %s: dead letter %s evicted (DEAD_LETTER_MAX_LENGTH=%d, DEAD_LETTER_TTL=%ds)",
+                self.keys.queue,
+                record_id,
+                s.dead_letter_max_length,
+                s.dead_letter_ttl,
+                extra={"queue": self.keys.queue, "worker_id": self.worker_id},
+            )
 
     def refresh_gauges(self) -> None:
         """Read the lengths from Redis into the gauges (never done by the hot loop)."""
@@ -100,6 +158,28 @@ class Watcher:
         self.metrics.queue_length.set(pending)
         self.metrics.scheduled_length.set(scheduled)
         self.metrics.dead_letter_length.set(dead)
+
+    def adopt_orphan_lists(self) -> list[str]:
+        """Register in-flight lists whose worker is not registered (see adopt.lua)."""
+        prefix = self.keys.inflight_prefix
+        found: list[str] = []
+        for key in self.client.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
+            worker = cast("bytes", key).decode()[len(prefix) :]
+            if worker != self.worker_id:
+                found.append(worker)
+        if not found:
+            return []
+        adopted = self.scripts.adopt(found)
+        for worker in adopted:
+            log.warning(
+                "queue %s: in-flight list of unregistered worker %s found; it is recovered"
+                " unless that worker heartbeats within %.1fs",
+                self.keys.queue,
+                worker,
+                self.settings.worker_dead_after,
+                extra={"queue": self.keys.queue, "worker_id": worker},
+            )
+        return adopted
 
     def dead_workers(self) -> list[str]:
         """Workers whose last heartbeat is older than WORKER_DEAD_AFTER, on the Redis clock."""
@@ -123,8 +203,10 @@ class Watcher:
                     s.maintenance_batch,
                     s.max_queue_length,
                 )
-                if reply is None:
-                    break  # it heartbeated meanwhile: alive after all
+                if reply == "grace":
+                    return total  # just after an outage: every live worker may beat first
+                if reply == "alive":
+                    break  # it heartbeated meanwhile
                 left, requeued, poisoned = reply
                 total += len(requeued)
                 self._report(dead, requeued, poisoned)
@@ -142,35 +224,37 @@ class Watcher:
                 dead,
                 extra={"queue": self.keys.queue, "task_id": task_id, "worker_id": dead},
             )
-        for task_id in poisoned:
+        for record_id in poisoned:
             self.metrics.processed["dead_lettered"].inc()
+            task_id = record_id.rpartition("#")[0] or record_id
             log.error(
-                "queue %s: task %s dead-lettered as poison: workers died holding it"
+                "queue %s: task %s dead-lettered as poison (%s): workers died holding it"
                 " %d times (last %s)",
                 self.keys.queue,
                 task_id,
+                record_id,
                 self.settings.max_delivery_attempts,
                 dead,
                 extra={"queue": self.keys.queue, "task_id": task_id, "worker_id": dead},
             )
-            self._publish_poison_result(task_id)
+            self._publish_poison_result(record_id, task_id)
 
-    def _publish_poison_result(self, task_id: str) -> None:
-        raw = self.client.hget(self.keys.dead, task_id)
+    def _publish_poison_result(self, record_id: str, task_id: str) -> None:
+        raw = self.client.hget(self.keys.dead_raw, record_id)
         if raw is None:
             return
-        record = self.codec.decode_record(as_bytes(raw))
         try:
-            message = self.codec.decode_message(raw_bytes(record))
+            message = self.codec.decode_delivery(cast("bytes", raw), 0)
         except Exception:  # noqa: BLE001 - an unparseable poison task has no session to tell
             return
         result = TaskResult(
             task_id=task_id,
             session_id=message.session_id,
             status="failed",
-            error=f"{record.error_type}: {record.error}",
+            error="PoisonTaskError: workers died holding this task"
+            f" {self.settings.max_delivery_attempts} times",
             attempts=message.retry_count + 1,
-            finished_at=record.failed_at,
+            finished_at=time.time(),
         )
         self.scripts.publish_result(
             task_id,
@@ -178,3 +262,10 @@ class Watcher:
             self.keys.result_channel(message.session_id),
             self.settings.result_ttl,
         )
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a SCAN pattern (queue names may not hold glob characters,
+    but the hash tag's braces are not special; brackets and stars would be)."""
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+

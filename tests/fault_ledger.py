@@ -72,7 +72,8 @@ class Ledger:
         pipe = self.client.pipeline(transaction=False)
         for task_id in ids:
             pipe.get(self.keys.result(task_id))
-            pipe.hexists(self.keys.dead, task_id)
+            # dead-letter records are "<task id>#<n>": any of them means dead-lettered
+            pipe.zrangebylex(self.keys.dead_ids, f"[{task_id}#", f"({task_id}$", 0, 1)
         replies = pipe.execute() if ids else []
         found = {}
         for index, task_id in enumerate(ids):
@@ -207,3 +208,17 @@ class ResultListener:
         finally:
             pubsub.close()
             client.close()
+
+
+def dead_record_ids(client: redis.Redis[bytes], keys: KeySpace, task_id: str) -> list[str]:
+    """The ids of the dead-letter records of ``task_id`` (``<task id>#<n>``), oldest first."""
+    # '$' sorts right after the '#' that ends a task id in a record id
+    found = client.zrangebylex(keys.dead_ids, f"[{task_id}#", f"({task_id}$")
+    return sorted((raw.decode() for raw in found), key=lambda rid: int(rid.rpartition("#")[2]))
+
+
+def dead_records(client: redis.Redis[bytes], keys: KeySpace, task_id: str) -> list[dict[str, Any]]:
+    """The dead-letter records of ``task_id`` as stored (JSON objects), oldest first."""
+    ids = dead_record_ids(client, keys, task_id)
+    stored = client.hmget(keys.dead, ids) if ids else []
+    return [json.loads(raw) for raw in stored if raw is not None]

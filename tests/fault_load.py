@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import re
 import threading
 import uuid
 from collections.abc import Callable
@@ -18,10 +17,6 @@ from typing import Any
 import redis
 
 from semibot_queue import QueueConnectionError, QueueSettings, TaskPayload, TaskProducer
-
-#: The header of a task given back to pending (by crash recovery or a stopping worker).
-REDELIVERY_HEADER = re.compile(rb"^~[0-9a-z]+~")
-
 
 def task(**behaviour: Any) -> TaskPayload:
     """A task whose handler behaves as ``behaviour`` says (see fault_handlers)."""
@@ -35,8 +30,8 @@ def task(**behaviour: Any) -> TaskPayload:
 
 
 def stored_task_id(stored: bytes) -> str:
-    """The task id inside a task as stored in a Redis list (a redelivery header allowed)."""
-    return str(json.loads(REDELIVERY_HEADER.sub(b"", stored))["task_id"])
+    """The task id inside a task as stored in a Redis list (plain JSON)."""
+    return str(json.loads(stored)["task_id"])
 
 
 class PacedProducer:

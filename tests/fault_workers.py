@@ -113,16 +113,18 @@ class Workers:
         queue: str,
         *,
         concurrency: int = 4,
+        handler: str = HANDLER,
         **settings: str | float,
     ) -> WorkerProcess:
-        """Start one worker; ``settings`` override FAST_SETTINGS (lower-case field names)."""
+        """Start one worker running ``handler`` (``module:function``); ``settings``
+        override FAST_SETTINGS (lower-case field names)."""
         number = len(self.started) + 1
         log_path = self.directory / f"worker-{number}.log"
         command = [
             sys.executable, "-m", "semibot_queue",
             "--redis-url", redis_url,
             "--queue", queue,
-            "worker", HANDLER,
+            "worker", handler,
             "--concurrency", str(concurrency),
         ]  # fmt: skip
         with log_path.open("wb") as log:
@@ -144,10 +146,13 @@ class Workers:
         redis_url: str,
         *,
         concurrency: int = 4,
+        handler: str = HANDLER,
         **settings: str | float,
     ) -> tuple[WorkerProcess, str]:
         """Start one worker and wait until it has registered; it and its worker id."""
-        worker = self.start(redis_url, keys.queue, concurrency=concurrency, **settings)
+        worker = self.start(
+            redis_url, keys.queue, concurrency=concurrency, handler=handler, **settings
+        )
         worker_id = wait_until(
             lambda: worker.returncode is None and worker.worker_id(client, keys),
             START_TIMEOUT_S,

@@ -274,6 +274,17 @@ class TestEnqueue:
             error_line(capsys.readouterr().err)
         assert pending(redis_client) == []
 
+    # Was a package bug (issue 8): an unknown key (a typo such as "sesion_id") was ignored.
+    def test_json_with_an_unknown_key_exits_5_naming_the_key(
+        self, redis_url, redis_client, monkeypatch, capsys
+    ):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({**PAYLOAD, "priorty": 1})))
+        status, out = cli("--redis-url", redis_url, "enqueue", "--json", "-")
+        assert status == Exit.INVALID == 5
+        assert out == ""
+        assert "unknown key 'priorty'" in error_line(capsys.readouterr().err)
+        assert pending(redis_client) == []
+
     def test_missing_file_exits_5(self, redis_url, tmp_path, capsys):
         missing = tmp_path / "nowhere.json"
         status, _ = cli("--redis-url", redis_url, "enqueue", "--json", str(missing))
@@ -427,7 +438,7 @@ def registered_workers(redis_client) -> dict[str, str]:
     """Register a live worker holding one task and a worker silent for two minutes holding
     two; their ids by state."""
     scripts = Scripts(redis_client, KEYS)
-    scripts.heartbeat("live-worker")
+    scripts.heartbeat("live-worker", outage_ms=60_000, grace_ms=10_000)
     seconds, _ = redis_client.time()
     redis_client.zadd(KEYS.workers, {"dead-worker": (seconds - 120) * 1000})
     redis_client.lpush(KEYS.inflight("live-worker"), b"task-a")
@@ -632,7 +643,7 @@ class TestDeadLetterCommands:
         record = records[0]
         assert set(record) == {
             "task_id", "reason", "error_type", "error", "traceback", "attempts",
-            "delivery_count", "enqueued_at", "failed_at", "worker_id", "message", "raw",
+            "delivery_count", "enqueued_at", "failed_at", "worker_id", "message", "raw", "id",
             "raw_encoding",
         }  # fmt: skip
         assert record["reason"] == "permanent"
@@ -692,7 +703,8 @@ class TestDeadLetterCommands:
         [task] = pending(redis_client)
         assert task["task_id"] == old
         assert task["retry_count"] == 0
-        assert redis_client.hkeys(KEYS.dead) == [new.encode()]
+        [left] = redis_client.hkeys(KEYS.dead)
+        assert left.decode().startswith(new + "#")
 
     def test_retry_unknown_exits_4(self, redis_url, capsys):
         status, _ = cli("--redis-url", redis_url, "dlq", "retry", "no-such-task")
@@ -722,7 +734,8 @@ class TestDeadLetterCommands:
         status, out = cli("--redis-url", redis_url, "dlq", "delete", old, "--yes")
         assert status == Exit.OK
         assert out == f"{old} deleted\n"
-        assert redis_client.hkeys(KEYS.dead) == [new.encode()]
+        [left] = redis_client.hkeys(KEYS.dead)
+        assert left.decode().startswith(new + "#")
         status, _ = cli("--redis-url", redis_url, "dlq", "delete", old, "--yes")
         assert status == Exit.NOT_FOUND
         error_line(capsys.readouterr().err)

@@ -8,12 +8,14 @@ import threading
 import time
 from typing import Any
 
+import attrs
 import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
 from redis_server import RedisServer
 from semibot_queue import (
+    DeadLetterQueue,
     PermanentTaskError,
     QueueConnectionError,
     QueueError,
@@ -39,6 +41,13 @@ def consumer_for(url: str, handler: Any, slots: int = 4, **kw: Any) -> TaskConsu
 def enqueue(url: str, count: int, **fields: Any) -> list[str]:
     with TaskProducer(url, "q", FAST, registry=CollectorRegistry()) as producer:
         return producer.enqueue_many([payload(n, **fields) for n in range(count)])
+
+
+def dead_letter(url: str, task_id: str) -> dict[str, Any] | None:
+    """The newest dead-letter record of ``task_id`` as JSON data (raw bytes rendered)."""
+    with DeadLetterQueue(url, "q") as dlq:
+        record = dlq.get(task_id)
+    return None if record is None else attrs.asdict(record)
 
 
 def results(client: redis.Redis[bytes], ids: list[str]) -> list[dict[str, Any]]:
@@ -109,9 +118,8 @@ class TestRunning:
             wait_until(lambda: redis_client.llen(KEYS.pending) == 0, what="third task taken")
 
     def test_a_redelivered_task_shows_its_delivery_count(self, redis_url, redis_client):
-        enqueue(redis_url, 1)
-        stored = redis_client.rpop(KEYS.pending)
-        redis_client.rpush(KEYS.pending, b"~2~" + stored)
+        [task_id] = enqueue(redis_url, 1)
+        redis_client.hset(KEYS.crashes, task_id, 2)  # as recovery counts lost deliveries
         seen: list[TaskMessage] = []
         with running(consumer_for(redis_url, seen.append)):
             wait_until(lambda: seen, what="the task")
@@ -119,7 +127,7 @@ class TestRunning:
 
     def test_the_contract_hooks_record_a_result(self, redis_url, redis_client):
         from semibot_queue.models import TaskResult  # noqa: PLC0415
-        from semibot_queue.runner import Delivery  # noqa: PLC0415
+        from semibot_queue.outcomes import Delivery  # noqa: PLC0415
 
         consumer = consumer_for(redis_url, lambda m: "ok")
         consumer.connect()
@@ -147,14 +155,14 @@ class TestOutcomes:
 
         [task_id] = enqueue(redis_url, 1)
         with running(consumer_for(redis_url, failing)):
-            wait_until(lambda: redis_client.hexists(KEYS.dead, task_id), what="dead letter")
+            wait_until(lambda: dead_letter(redis_url, task_id), what="dead letter")
         assert [m.retry_count for m in attempts] == [0, 1, 2, 3]
         assert [m.last_error for m in attempts][1:] == [
             "ValueError: boom 0",
             "ValueError: boom 1",
             "ValueError: boom 2",
         ]
-        record = json.loads(redis_client.hget(KEYS.dead, task_id))
+        record = dead_letter(redis_url, task_id)
         assert record["reason"] == "exhausted"
         assert record["attempts"] == 4
         assert "ValueError: boom 3" in record["traceback"]
@@ -171,17 +179,17 @@ class TestOutcomes:
 
         [task_id] = enqueue(redis_url, 1)
         with running(consumer_for(redis_url, refuse)):
-            wait_until(lambda: redis_client.hexists(KEYS.dead, task_id), what="dead letter")
+            wait_until(lambda: dead_letter(redis_url, task_id), what="dead letter")
         assert len(calls) == 1
-        record = json.loads(redis_client.hget(KEYS.dead, task_id))
+        record = dead_letter(redis_url, task_id)
         assert (record["reason"], record["error_type"]) == ("permanent", "PermanentTaskError")
         assert record["message"]["task_id"] == task_id
 
     def test_a_result_that_is_not_json_is_dead_lettered(self, redis_url, redis_client):
         [task_id] = enqueue(redis_url, 1)
         with running(consumer_for(redis_url, lambda m: {1, 2})):
-            wait_until(lambda: redis_client.hexists(KEYS.dead, task_id), what="dead letter")
-        record = json.loads(redis_client.hget(KEYS.dead, task_id))
+            wait_until(lambda: dead_letter(redis_url, task_id), what="dead letter")
+        record = dead_letter(redis_url, task_id)
         assert record["reason"] == "permanent"
         assert "result of task" in record["error"]
 
@@ -194,7 +202,8 @@ class TestOutcomes:
         with running(consumer_for(redis_url, lambda m: "ok")):
             wait_until(lambda: results(redis_client, good), what="the good task")
             wait_until(lambda: redis_client.hlen(KEYS.dead) == 2, what="two dead letters")
-        records = [json.loads(r) for r in redis_client.hvals(KEYS.dead)]
+        with DeadLetterQueue(redis_url, "q") as dlq:
+            records = [attrs.asdict(r) for r in dlq.list()]
         by_encoding = {r["raw_encoding"]: r for r in records}
         assert by_encoding["base64"]["reason"] == "invalid"
         assert by_encoding["utf-8"]["task_id"] == "t-1"
@@ -257,7 +266,8 @@ class TestStopping:
         handle.stop(timeout=0.2)
         assert handle.consumer.unfinished == [task_id]
         [back] = redis_client.lrange(KEYS.pending, 0, -1)
-        assert back.startswith(b"~0r1~")
+        assert json.loads(back)["task_id"] == task_id  # plain JSON, as it was enqueued
+        assert redis_client.hget(KEYS.releases, task_id) == b"1"
         assert redis_client.zcard(KEYS.workers) == 0
         with caplog.at_level(logging.WARNING, "semibot_queue"):
             release.set()  # the late handler's ack must record nothing

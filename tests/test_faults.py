@@ -30,10 +30,17 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from fault_handlers import DIE_STATUS, read_runs
-from fault_ledger import DEAD, SUCCEEDED, Ledger, ResultListener, duplicate_runs, wait_until
+from fault_ledger import (
+    DEAD,
+    SUCCEEDED,
+    Ledger,
+    ResultListener,
+    dead_record_ids,
+    duplicate_runs,
+    wait_until,
+)
 from fault_load import (
     GARBAGE,
-    REDELIVERY_HEADER,
     SMALL_PAYLOAD_LIMIT,
     ConnectionCutter,
     PacedProducer,
@@ -56,6 +63,7 @@ from semibot_queue import (
     TaskProducer,
 )
 from semibot_queue.keys import KeySpace
+from semibot_queue.scripts import TASK_ID_PRELUDE, load_source
 
 QUEUE = "faults"
 KEYS = KeySpace(QUEUE)
@@ -360,8 +368,9 @@ def test_sigterm_gives_unfinished_tasks_back_and_a_fresh_worker_finishes_them(
     assert took < 4.0, f"exit took {took:.2f} s: it waited for the 5 s tasks"
 
     given_back = redis_client.lrange(KEYS.pending, 0, -1)
-    released = {stored_task_id(raw) for raw in given_back if REDELIVERY_HEADER.match(raw)}
+    released = {key.decode() for key in redis_client.hkeys(KEYS.releases)}
     assert released == slow_ids
+    assert slow_ids <= {stored_task_id(raw) for raw in given_back}
     assert redis_client.llen(KEYS.inflight(stopping_id)) == 0
     assert redis_client.zscore(KEYS.workers, stopping_id) is None, "not deregistered"
     log = stopping.log()
@@ -541,7 +550,9 @@ def test_retries_back_off_exponentially_then_the_task_is_dead_lettered_as_exhaus
                     due_ms - failed_at_ms,
                 )
                 redis_client.zadd(KEYS.scheduled, {member: 0}, xx=True)  # due now
-            wait_until(lambda: redis_client.hexists(KEYS.dead, task_id), 10.0, "the dead letter")
+            wait_until(
+                lambda: dead_record_ids(redis_client, KEYS, task_id), 10.0, "the dead letter"
+            )
             wait_until(lambda: listener.counts()[task_id], 5.0, "the failed result")
         finally:
             listener.stop()
@@ -607,7 +618,7 @@ def test_dead_letters_beyond_the_bound_are_evicted_oldest_first_counted_and_logg
     evicted = [r.getMessage() for r in queue_logs.records if "evicted" in r.getMessage()]
     assert len(evicted) == 2, evicted
     for task_id, line in zip(ids[:2], evicted, strict=True):
-        assert f"dead letter {task_id} evicted" in line
+        assert f"dead letter {task_id}#" in line and " evicted " in line
 
 
 def test_dead_letters_older_than_the_ttl_are_evicted_counted_and_logged(
@@ -617,16 +628,20 @@ def test_dead_letters_older_than_the_ttl_are_evicted_counted_and_logged(
     with running_consumer(redis_url, permanently_failing, registry=registry, dead_letter_ttl=1):
         [task_id] = enqueue(redis_url, [task()])
         failed_ms = wait_until(
-            lambda: redis_client.zscore(KEYS.dead_index, task_id), 10.0, "the dead letter"
+            lambda: dead_record_ids(redis_client, KEYS, task_id), 10.0, "the dead letter"
         )
-        wait_until(lambda: not redis_client.hexists(KEYS.dead, task_id), 10.0, "the TTL eviction")
+        [record_id] = failed_ms
+        failed_ms = redis_client.zscore(KEYS.dead_index, record_id)
+        wait_until(
+            lambda: not redis_client.hexists(KEYS.dead, record_id), 10.0, "the TTL eviction"
+        )
         seconds, micros = redis_client.time()
     assert seconds * 1000 + micros // 1000 - failed_ms >= 1000, "evicted before its TTL"
-    assert redis_client.zscore(KEYS.dead_index, task_id) is None
+    assert redis_client.zscore(KEYS.dead_index, record_id) is None
     assert sample(registry, "semibot_queue_dead_letter_evictions_total") == 1
     evicted = [r.getMessage() for r in queue_logs.records if "evicted" in r.getMessage()]
     assert evicted == [
-        f"queue {QUEUE}: dead letter {task_id} evicted"
+        f"queue {QUEUE}: dead letter {record_id} evicted"
         " (DEAD_LETTER_MAX_LENGTH=10000, DEAD_LETTER_TTL=1s)"
     ]
 
@@ -755,10 +770,11 @@ def proxy(redis_server: RedisServer) -> Iterator[LossyProxy]:
         lossy.close()
 
 
-def script_sha(name: str) -> bytes:
-    """The EVALSHA digest of one of the package's Lua scripts, as it appears on the wire."""
-    source = resources.files("semibot_queue").joinpath("lua").joinpath(f"{name}.lua")
-    return hashlib.sha1(source.read_bytes(), usedforsecurity=False).hexdigest().encode()
+def script_sha(*names: str) -> bytes:
+    """The EVALSHA digest of one of the package's Lua scripts (after its preludes), as it
+    appears on the wire."""
+    source = load_source(*names).encode()
+    return hashlib.sha1(source, usedforsecurity=False).hexdigest().encode()
 
 
 def behaving(runs: Counter[str], sleep: float = 0.0) -> Callable[[TaskMessage], str]:
@@ -795,7 +811,7 @@ def test_a_fetch_whose_reply_is_lost_still_runs_each_task_once(
 ) -> None:
     runs: Counter[str] = Counter()
     # a long blocking pop, so that it is still waiting when the tasks arrive
-    with running_consumer(proxy.url, behaving(runs), concurrency=4, stop_poll_slice=2.0):
+    with running_consumer(proxy.url, behaving(runs), concurrency=4, queue_poll_timeout=2.0):
         proxy.lose_reply_to(b"BLMOVE")
         wait_until(proxy.request_seen.is_set, 10.0, "the worker's next blocking pop")
         ids = enqueue(redis_url, [task(), task()])  # the pop takes the first, then its reply
@@ -814,7 +830,7 @@ def test_an_ack_whose_reply_is_lost_records_each_result_once_and_runs_what_it_to
         with running_consumer(proxy.url, behaving(runs, 0.02), concurrency=2):
             warm = enqueue(redis_url, [task()])  # Redis now knows the ack script
             Ledger(redis_client, KEYS).wait_settled(warm, 10.0)
-            proxy.lose_reply_to(script_sha("ack"))
+            proxy.lose_reply_to(script_sha(TASK_ID_PRELUDE, "ack"))
             ids = enqueue(redis_url, [task() for _ in range(20)])
             wait_until(proxy.reply_lost.is_set, 10.0, "an ack reply to be lost")
             Ledger(redis_client, KEYS).wait_settled(ids, 10.0)
@@ -878,8 +894,7 @@ def test_raw_tasks_whose_id_cannot_name_a_key_are_dead_lettered_as_invalid(
     ledger = Ledger(redis_client, KEYS)
 
     def kept() -> set[bytes]:
-        records = [json.loads(raw) for raw in redis_client.hvals(KEYS.dead)]
-        return {record["raw"].encode() for record in records if record.get("raw")}
+        return set(redis_client.hvals(KEYS.dead_raw))
 
     def missing() -> list[str]:
         return [kind for kind, payload in bad.items() if payload not in kept()]
@@ -935,7 +950,7 @@ def test_tasks_an_ack_took_are_not_run_again_by_the_orphan_search_after_a_fetch_
         [first] = enqueue(redis_url, [task(sleep=0.6)])
         wait_until(lambda: runs[first], 10.0, "the first task to start")
         # Its ack (in 0.6 s) takes the next tasks; the reply comes back 2 s later...
-        proxy.delay_reply_to(script_sha("ack"), 2.0)
+        proxy.delay_reply_to(script_sha(TASK_ID_PRELUDE, "ack"), 2.0)
         # ...and meanwhile the fetch loop, cut off, searches its in-flight list (after 1 s).
         wait_until(lambda: cut_blocking_pop(redis_client), 5.0, "a blocking pop to cut")
         rest = enqueue(redis_url, [task(), task()])

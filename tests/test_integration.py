@@ -112,8 +112,8 @@ class TestCrashRecovery:
     def test_a_task_that_kills_its_workers_ends_as_poison(self, redis_url, redis_client):
         codec = Codec(1 << 20)
         message = Message.from_payload(payload(9), 0.0)
-        stored = b"~2~" + codec.encode_message(message)
-        redis_client.lpush(KEYS.inflight("gone-2"), stored)
+        redis_client.lpush(KEYS.inflight("gone-2"), codec.encode_message(message))
+        redis_client.hset(KEYS.crashes, message.task_id, 2)  # lost twice before
         redis_client.zadd(KEYS.workers, {"gone-2": 0})
         with (
             TaskProducer(redis_url, "q", FAST, registry=CollectorRegistry()) as producer,
@@ -123,5 +123,7 @@ class TestCrashRecovery:
         assert result is not None
         assert result.status == "failed"
         assert "PoisonTaskError" in (result.error or "")
-        record = json.loads(redis_client.hget(KEYS.dead, message.task_id))
+        [record_id] = redis_client.hkeys(KEYS.dead)
+        assert record_id.decode().startswith(message.task_id + "#")
+        record = json.loads(redis_client.hget(KEYS.dead, record_id))
         assert (record["reason"], record["delivery_count"]) == ("poison", 3)

@@ -257,7 +257,7 @@ class TestErrors:
                 [record] = wait_until(lambda: logged(caplog, logging.ERROR, "dead-lettered"))
         assert record.getMessage() == (
             f"queue {QUEUE}: task {task_id} dead-lettered (permanent after 1 attempt(s)):"
-            f" PermanentTaskError: cannot handle task {task_id}"
+            f" PermanentTaskError: cannot handle task {task_id}; record {task_id}#1"
         )
         assert_names(record, task_id)
         assert record.worker_id == consumer.worker_id
@@ -301,7 +301,6 @@ class TestErrors:
             scripts=Scripts(redis_client, KEYS),
             codec=Codec(FAST.max_payload_bytes),
             metrics=Metrics(QUEUE, CollectorRegistry()),
-            trim_dead_letters=lambda: None,
         )
         assert watcher.recover_dead_workers() == 2
         records = logged(caplog, logging.ERROR, "recovered from dead worker")
@@ -315,8 +314,7 @@ class TestErrors:
 
     def test_a_poison_task_is_dead_lettered_with_an_error(self, redis_url, redis_client, caplog):
         [task_id] = dead_worker_holding(redis_url, redis_client, 1)
-        stored = redis_client.lpop(KEYS.inflight("dead-1"))
-        redis_client.lpush(KEYS.inflight("dead-1"), b"~2~" + stored)
+        redis_client.hset(KEYS.crashes, task_id, 2)  # lost twice before
         watcher = Watcher(
             worker_id="live-1",
             client=redis_client,
@@ -325,7 +323,6 @@ class TestErrors:
             scripts=Scripts(redis_client, KEYS),
             codec=Codec(FAST.max_payload_bytes),
             metrics=Metrics(QUEUE, CollectorRegistry()),
-            trim_dead_letters=lambda: None,
         )
         assert watcher.recover_dead_workers() == 0
         [record] = logged(caplog, logging.ERROR, "poison")

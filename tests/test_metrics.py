@@ -7,6 +7,8 @@ share one registry.
 
 from __future__ import annotations
 
+import json
+
 import threading
 
 import pytest
@@ -70,7 +72,6 @@ def watcher_of(client, metrics: Metrics, settings: QueueSettings = FAST) -> Watc
         scripts=Scripts(client, KEYS),
         codec=Codec(settings.max_payload_bytes),
         metrics=metrics,
-        trim_dead_letters=lambda: None,
     )
 
 
@@ -234,8 +235,8 @@ class TestFailureCounters:
         for _ in range(3):
             redis_client.lmove(KEYS.pending, dead, "RIGHT", "LEFT")
         # the third was already lost twice: this loss makes it poison (MAX_DELIVERY_ATTEMPTS 3)
-        third = redis_client.lpop(dead)
-        redis_client.lpush(dead, b"~2~" + third)
+        third = json.loads(redis_client.lindex(dead, 0))["task_id"]
+        redis_client.hset(KEYS.crashes, third, 2)
         seconds, _ = redis_client.time()
         redis_client.zadd(KEYS.workers, {"dead-worker": (seconds - 60) * 1000})
         watcher = watcher_of(redis_client, Metrics(QUEUE, registry))

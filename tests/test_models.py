@@ -7,6 +7,7 @@ and pass once the package is fixed.
 from __future__ import annotations
 
 import builtins
+import copy
 import hashlib
 import inspect
 import json
@@ -25,15 +26,23 @@ from hypothesis import strategies as st
 import semibot_queue
 from semibot_queue import constants
 from semibot_queue.backoff import exponential_delay
-from semibot_queue.codec import Codec, fields_of, split_redelivery, task_id_of
+from semibot_queue.codec import (
+    Codec,
+    describe_error,
+    fields_of,
+    format_traceback,
+    task_id_of,
+)
 from semibot_queue.connection import Reconnector, make_client, mask_url
 from semibot_queue.constants import MAX_NAME_LENGTH
 from semibot_queue.errors import (
+    DuplicateTaskError,
     InvalidTaskError,
     PermanentTaskError,
     QueueConnectionError,
     QueueError,
     QueueFullError,
+    RedisCommandError,
     SettingsError,
 )
 from semibot_queue.keys import KeySpace, validate_name
@@ -80,13 +89,13 @@ GOOD_RECORD: dict[str, Any] = {
 
 def payload(**changes: Any) -> TaskPayload:
     """A valid TaskPayload, with ``changes`` applied."""
-    fields = {name: GOOD_MESSAGE[name] for name in fields_of(TaskPayload)}
+    fields = copy.deepcopy({name: GOOD_MESSAGE[name] for name in fields_of(TaskPayload)})
     return TaskPayload(**{**fields, **changes})
 
 
 def message(**changes: Any) -> TaskMessage:
     """A valid TaskMessage, with ``changes`` applied."""
-    return TaskMessage(**{**GOOD_MESSAGE, **changes})
+    return TaskMessage(**{**copy.deepcopy(GOOD_MESSAGE), **changes})
 
 
 def as_json(data: Any) -> bytes:
@@ -143,8 +152,17 @@ results = st.builds(
     TaskResult,
     task_id=names,
     session_id=names,
-    status=st.sampled_from(["succeeded", "failed"]),
+    status=st.just("succeeded"),
     result=json_values,
+    error=st.none() | st.text(),
+    attempts=counts,
+    duration_s=finite,
+    finished_at=finite,
+) | st.builds(
+    TaskResult,
+    task_id=names,
+    session_id=names,
+    status=st.sampled_from(["failed", "cancelled"]),
     error=st.none() | st.text(),
     attempts=counts,
     duration_s=finite,
@@ -276,16 +294,21 @@ class TestTaskMessageValidation:
 
 
 class TestTaskResultValidation:
-    """A TaskResult's status is succeeded or failed, nothing else."""
+    """A TaskResult's status is succeeded, failed or cancelled; only a success has a value."""
 
-    @pytest.mark.parametrize("status", ["succeeded", "failed"])
-    def test_the_two_known_statuses_are_accepted(self, status: str) -> None:
+    @pytest.mark.parametrize("status", ["succeeded", "failed", "cancelled"])
+    def test_the_three_known_statuses_are_accepted(self, status: str) -> None:
         assert TaskResult(task_id="t", session_id="s", status=status).status == status  # type: ignore[arg-type]
 
-    @pytest.mark.parametrize("status", ["done", "", None, "SUCCEEDED"])
+    @pytest.mark.parametrize("status", ["done", "", None, "SUCCEEDED", ["failed"]])
     def test_an_unknown_status_is_refused_by_name(self, status: object) -> None:
         with pytest.raises(InvalidTaskError, match=r"^status: must be one of"):
             TaskResult(task_id="t", session_id="s", status=status)  # type: ignore[arg-type]
+
+    @pytest.mark.parametrize("status", ["failed", "cancelled"])
+    def test_a_task_that_did_not_succeed_carries_no_result_value(self, status: str) -> None:
+        with pytest.raises(InvalidTaskError, match=rf"^result: a {status} task has no result"):
+            TaskResult(task_id="t", session_id="s", status=status, result=0)  # type: ignore[arg-type]
 
 
 class TestDecodingRefusesBadTasks:
@@ -344,7 +367,7 @@ class TestDecodingRefusesBadTasks:
             ("enqueued_at", True, "expected a number, got bool"),
             ("enqueued_at", "now", "expected a number, got str"),
             ("config", [], "expected a JSON object, got list"),
-            ("metadata", None, "expected a JSON object, got NoneType"),
+            ("metadata", "none", "expected a JSON object, got str"),
         ],
     )
     def test_a_field_of_the_wrong_json_type_is_named_and_never_coerced(
@@ -445,50 +468,538 @@ class TestPayloadSizeLimit:
 
 
 class TestDecodeDelivery:
-    """A task a worker takes counts this take plus every delivery lost to a dead worker."""
+    """A task a worker takes counts this take, the deliveries its body records, and the
+    deliveries lost or given back that Redis counts outside the body."""
 
     codec = Codec(ROOMY)
 
     def test_a_first_take_counts_one_delivery(self) -> None:
         stored = self.codec.encode_message(message(delivery_count=0))
-        assert self.codec.decode_delivery(stored).delivery_count == 1
+        assert self.codec.decode_delivery(stored, 0).delivery_count == 1
 
     def test_a_take_adds_to_the_deliveries_already_recorded(self) -> None:
         stored = self.codec.encode_message(message(delivery_count=4))
-        assert self.codec.decode_delivery(stored).delivery_count == 5
+        assert self.codec.decode_delivery(stored, 0).delivery_count == 5
 
-    def test_deliveries_lost_to_dead_workers_are_counted_from_the_marker(self) -> None:
+    def test_deliveries_counted_outside_the_body_are_added(self) -> None:
         stored = self.codec.encode_message(message(delivery_count=1))
-        delivered = self.codec.decode_delivery(b"~2~" + stored)
+        delivered = self.codec.decode_delivery(stored, 2)
         assert delivered.delivery_count == 4
         assert attrs.evolve(delivered, delivery_count=1) == message(delivery_count=1)
 
     def test_a_task_without_a_delivery_count_starts_from_zero(self) -> None:
         data = {k: v for k, v in GOOD_MESSAGE.items() if k != "delivery_count"}
-        assert self.codec.decode_delivery(b"~1~" + as_json(data)).delivery_count == 2
+        assert self.codec.decode_delivery(as_json(data), 1).delivery_count == 2
 
-    def test_the_size_limit_applies_to_the_task_not_the_marker(self) -> None:
+    def test_the_size_limit_applies_to_the_body(self) -> None:
         raw = self.codec.encode_message(message())
-        assert Codec(len(raw)).decode_delivery(b"~12~" + raw).task_id == "task-1"
+        assert Codec(len(raw)).decode_delivery(raw, 12).task_id == "task-1"
         with pytest.raises(InvalidTaskError, match=rf"^payload of {len(raw)} bytes exceeds"):
-            Codec(len(raw) - 1).decode_delivery(b"~12~" + raw)
+            Codec(len(raw) - 1).decode_delivery(raw, 0)
 
     def test_a_delivery_count_of_the_wrong_type_is_named_not_incremented(self) -> None:
         raw = as_json({**GOOD_MESSAGE, "delivery_count": True})
         with pytest.raises(InvalidTaskError, match=r"got bool @ TaskMessage\.delivery_count"):
-            self.codec.decode_delivery(b"~1~" + raw)
+            self.codec.decode_delivery(raw, 1)
+
+    # Was a package bug (issue 8): a pending body started with a "~N~" header, so a plain
+    # JSON body (as the Semibot runtime pushes) and a headed one were two formats.
+    def test_a_body_with_an_old_redelivery_header_is_not_a_task(self) -> None:
+        with pytest.raises(InvalidTaskError, match=r"^payload is not JSON"):
+            self.codec.decode_delivery(b"~2~" + self.codec.encode_message(message()), 0)
 
     @pytest.mark.parametrize(
         ("raw", "expected"),
         [
-            (b"~1~not json", r"^payload is not JSON"),
-            (b"~1~\xff", r"^payload is not UTF-8 text"),
-            (b"~1~[1]", r"^TaskMessage: expected a JSON object, got list"),
+            (b"not json", r"^payload is not JSON"),
+            (b"\xff", r"^payload is not UTF-8 text"),
+            (b"[1]", r"^TaskMessage: expected a JSON object, got list"),
         ],
     )
     def test_a_delivery_that_is_not_a_task_is_refused(self, raw: bytes, expected: str) -> None:
         with pytest.raises(InvalidTaskError, match=expected):
-            self.codec.decode_delivery(raw)
+            self.codec.decode_delivery(raw, 0)
+
+
+#: A task as the Semibot runtime LPUSHes it onto ``agent:tasks``: its metadata carries
+#: ``enqueued_at`` as an ISO-8601 string, it has no counters, config may be null.
+RUNTIME_TASK = (
+    b'{"task_id": "0b6f1c1e-3f1d-4f5e-9a7b-2f8e4d9c1a20", "session_id": "sess-42",'
+    b' "agent_id": "agent-7", "org_id": "org-3",'
+    b' "messages": [{"role": "system", "content": "You are helpful."},'
+    b' {"role": "user", "content": "Summarise the report"}],'
+    b' "config": null,'
+    b' "metadata": {"enqueued_at": "2026-11-30T10:15:00.250000", "source": "api"}}'
+)
+
+
+class TestTheSemibotRuntimesWireFormat:
+    """Tasks the Semibot runtime pushed run here; results reach its waiters as it wrote them."""
+
+    codec = Codec(ROOMY)
+
+    # Was a package bug (issue 8): a task LPUSHed in the runtime's format was never read
+    # (the pending list had another name) and would not have decoded (enqueued_at, null).
+    def test_a_task_the_runtime_pushed_decodes_as_its_first_delivery(self) -> None:
+        delivered = self.codec.decode_delivery(RUNTIME_TASK, 0)
+        assert delivered.task_id == "0b6f1c1e-3f1d-4f5e-9a7b-2f8e4d9c1a20"
+        assert (delivered.session_id, delivered.agent_id, delivered.org_id) == (
+            "sess-42",
+            "agent-7",
+            "org-3",
+        )
+        assert delivered.messages[1] == {"role": "user", "content": "Summarise the report"}
+        assert delivered.config == {}
+        assert delivered.metadata == {"enqueued_at": "2026-11-30T10:15:00.250000", "source": "api"}
+        assert delivered.enqueued_at == 1_796_033_700.25  # naive ISO time: UTC
+        assert (delivered.retry_count, delivered.delivery_count, delivered.last_error) == (
+            0,
+            1,
+            None,
+        )
+        assert task_id_of(RUNTIME_TASK) == delivered.task_id
+
+    @pytest.mark.parametrize(
+        ("written", "expected"),
+        [
+            ("2026-11-30T10:15:00Z", 1_796_033_700.0),
+            ("2026-11-30T10:15:00+01:00", 1_796_030_100.0),
+            ("2026-11-30T10:15:00.5+00:00", 1_796_033_700.5),
+            (1_796_033_700, 1_796_033_700.0),
+            ("yesterday", 0.0),
+            (None, 0.0),
+            (["2026"], 0.0),
+        ],
+    )
+    def test_enqueued_at_is_read_from_the_metadata(self, written: object, expected: float) -> None:
+        data = json.loads(RUNTIME_TASK)
+        data["metadata"]["enqueued_at"] = written
+        assert self.codec.decode_message(as_json(data)).enqueued_at == expected
+
+    def test_a_top_level_enqueued_at_wins_over_the_metadata(self) -> None:
+        data = {**json.loads(RUNTIME_TASK), "enqueued_at": 12.5}
+        assert self.codec.decode_message(as_json(data)).enqueued_at == 12.5
+
+    def test_null_config_and_metadata_are_read_as_empty_mappings(self) -> None:
+        data = {**json.loads(RUNTIME_TASK), "metadata": None}
+        decoded = self.codec.decode_message(as_json(data))
+        assert (decoded.config, decoded.metadata, decoded.enqueued_at) == ({}, {}, 0.0)
+
+    def test_keys_the_runtime_may_add_are_ignored_when_a_task_is_read(self) -> None:
+        data = {**json.loads(RUNTIME_TASK), "priority": 5}
+        assert self.codec.decode_message(as_json(data)).task_id.startswith("0b6f")
+
+    def test_a_retry_of_a_runtime_task_is_stored_in_our_full_form(self) -> None:
+        following = attrs.evolve(self.codec.decode_delivery(RUNTIME_TASK, 0), retry_count=1)
+        stored = json.loads(self.codec.encode_retry(following))
+        assert list(stored) == fields_of(TaskMessage)
+        assert stored["metadata"]["enqueued_at"] == "2026-11-30T10:15:00.250000"
+
+    def test_a_succeeded_result_keeps_its_value_under_result(self) -> None:
+        result = TaskResult(task_id="t", session_id="s", status="succeeded", result={"a": [1]})
+        wire = json.loads(self.codec.encode_result(result))
+        assert wire["result"] == {"a": [1]}
+        assert self.codec.decode_result(self.codec.encode_result(result)) == result
+
+    # Was a package bug (issue 8): a failed task's result was published with "result":
+    # null, which the runtime's waiters could not tell from "no answer yet".
+    @pytest.mark.parametrize("status", ["failed", "cancelled"])
+    def test_a_failed_or_cancelled_result_holds_its_error_under_result(self, status: str) -> None:
+        result = TaskResult(task_id="t", session_id="s", status=status, error="E: boom")  # type: ignore[arg-type]
+        raw = self.codec.encode_result(result)
+        assert json.loads(raw)["result"] == {"error": "E: boom"}
+        assert self.codec.decode_result(raw) == result
+
+    def test_a_failure_without_error_text_names_its_status(self) -> None:
+        result = TaskResult(task_id="t", session_id="s", status="failed")
+        raw = self.codec.encode_result(result)
+        assert json.loads(raw)["result"] == {"error": "failed"}
+        assert self.codec.decode_result(raw) == result
+
+    def test_a_result_published_with_only_result_error_gives_its_error(self) -> None:
+        wire = {"task_id": "t", "session_id": "s", "status": "failed", "result": {"error": "x"}}
+        assert self.codec.decode_result(as_json(wire)).error == "x"
+
+
+class Unprintable:
+    """A value whose every method a careless encoder might call raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("no eq")
+
+    __hash__ = object.__hash__
+
+
+class Exiting:
+    """A value whose methods raise BaseException subclasses."""
+
+    def __str__(self) -> str:
+        raise SystemExit(3)
+
+    def __eq__(self, other: object) -> bool:
+        raise KeyboardInterrupt
+
+    __hash__ = object.__hash__
+
+
+class MaliciousDict(dict[str, Any]):
+    """A dict whose own iteration raises: the encoder must not call it."""
+
+    def items(self) -> Any:
+        raise SystemExit("items")
+
+    def __iter__(self) -> Any:
+        raise SystemExit("iter")
+
+
+def _self_containing() -> list[Any]:
+    loop: list[Any] = []
+    loop.append(loop)
+    return loop
+
+
+class TestInputIsValidatedAsEncoded:
+    """What is checked is what is written: a payload changed after it was built, nested
+    too deep, or holding what JSON cannot carry is refused by name when it is encoded."""
+
+    codec = Codec(ROOMY)
+
+    # Was a package bug (issue 8): payloads were validated when built and encoded later,
+    # so a list changed in between reached Redis unchecked and dead-lettered as invalid.
+    @pytest.mark.parametrize(
+        ("change", "expected"),
+        [
+            (lambda p: p.messages.append({"role": 5}), r"^messages\[1\]: must be a mapping"),
+            (lambda p: p.messages[0].update(content=7), r"messages\[0\]\.content: must be a str"),
+            (lambda p: p.config.update(when={1, 2}), r"^config\.when: not JSON-serialisable"),
+            (lambda p: p.config.update({3: "x"}), r"^config: not JSON-serialisable \(a key of"),
+            (lambda p: p.metadata.update(t=math.nan), r"^metadata\.t: not JSON-serialisable"),
+            (
+                lambda p: object.__setattr__(p, "session_id", ""),
+                r"session_id: must be a non-empty string",
+            ),
+        ],
+        ids=["message-added", "content-changed", "set", "int-key", "nan", "forced-field"],
+    )
+    def test_a_payload_changed_after_it_was_built_is_refused(
+        self, change: Any, expected: str
+    ) -> None:
+        built = payload()  # its lists and dicts of its own
+        change(built)
+        with pytest.raises(InvalidTaskError, match=expected):
+            self.codec.encode_new(built, 0.0)
+
+    @staticmethod
+    def nested(levels: int) -> dict[str, Any]:
+        value: dict[str, Any] = {}
+        for _ in range(levels):
+            value = {"x": value}
+        return value
+
+    # Was a package bug (issue 8): nesting too deep raised RecursionError, not the
+    # InvalidTaskError every bad input raises.
+    @pytest.mark.parametrize("levels", [constants.MAX_JSON_DEPTH, 5_000, 100_000])
+    def test_nesting_deeper_than_the_limit_is_invalid_not_a_recursion_error(
+        self, levels: int
+    ) -> None:
+        with pytest.raises(InvalidTaskError, match=r"^config\.x\.x.*nested deeper than MAX_JSON"):
+            self.codec.encode_new(payload(config=self.nested(levels)), 0.0)
+
+    def test_nesting_up_to_the_limit_is_accepted(self) -> None:
+        # the task object is level 1 and config level 2: config holds 62 more levels
+        deepest = payload(config=self.nested(constants.MAX_JSON_DEPTH - 2))
+        raw = self.codec.encode_new(deepest, 0.0)
+        assert self.codec.decode_message(raw).config == deepest.config
+
+    def test_a_container_that_contains_itself_is_invalid(self) -> None:
+        loop: list[Any] = []
+        loop.append(loop)
+        with pytest.raises(InvalidTaskError, match="contains itself"):
+            self.codec.encode_new(payload(metadata={"loop": loop}), 0.0)
+
+    @pytest.mark.parametrize(
+        "raw",
+        [b"[" * 100_000, b'{"a":' * 65 + b"1" + b"}" * 65],
+        ids=["beyond-the-parser", "beyond-the-limit"],
+    )
+    def test_a_stored_task_nested_too_deep_is_invalid(self, raw: bytes) -> None:
+        with pytest.raises(InvalidTaskError, match=r"nest.* deeper than MAX_JSON_DEPTH"):
+            self.codec.decode_delivery(raw, 0)
+
+    def test_brackets_inside_strings_do_not_count_as_nesting(self) -> None:
+        text = "[{" * constants.MAX_JSON_DEPTH
+        raw = self.codec.encode_new(payload(config={"text": text}), 0.0)
+        assert self.codec.decode_message(raw).config == {"text": text}
+
+    @pytest.mark.parametrize(
+        "raw", [b'{"x": NaN}', b'{"x": -Infinity}', b'{"x": 1e999}', b'{"x": ' + b"9" * 5000 + b"}"]
+    )
+    def test_a_stored_number_json_cannot_carry_is_invalid(self, raw: bytes) -> None:
+        with pytest.raises(InvalidTaskError, match=r"^payload is not JSON"):
+            self.codec.decode_message(raw)
+
+    def test_subclasses_of_json_types_are_written_as_the_plain_type(self) -> None:
+        class Text(str):
+            def __str__(self) -> str:
+                raise AssertionError("never called")
+
+        class Count(int):
+            def __int__(self) -> int:
+                raise AssertionError("never called")
+
+        class Ratio(float):
+            def __float__(self) -> float:
+                raise AssertionError("never called")
+
+        built = payload(config={Text("k"): (Count(3), Ratio(1.5), Text("v"))})
+        stored = json.loads(self.codec.encode_new(built, 0.0))
+        assert stored["config"] == {"k": [3, 1.5, "v"]}
+
+    def test_an_integer_too_long_for_json_text_is_refused(self) -> None:
+        with pytest.raises(InvalidTaskError, match=r"^task task-1: not JSON-serialisable"):
+            self.codec.encode_new(payload(config={"n": 10**5000}), 0.0)
+
+    @pytest.mark.parametrize(
+        ("changes", "says"),
+        [
+            ({"enqueued_at": math.nan}, r"^enqueued_at: must be a finite number"),
+            ({"enqueued_at": "now"}, r"^enqueued_at: must be a finite number"),
+            ({"last_error": 5}, r"^last_error: must be a string or None"),
+            ({"session_id": Unprintable()}, r"^session_id: must be .*, got a Unprintable$"),
+        ],
+    )
+    def test_message_fields_are_checked_when_built(
+        self, changes: dict[str, Any], says: str
+    ) -> None:
+        with pytest.raises(InvalidTaskError, match=says):
+            message(**changes)
+
+    # Was a package bug (issue 8): a task id given twice in one call was pushed twice.
+    # (The producer refuses it before anything is encoded; see test_producer.py.)
+    def test_unknown_keys_of_a_payload_dict_are_refused_by_name(self) -> None:
+        data = {**{n: GOOD_MESSAGE[n] for n in fields_of(TaskPayload)}, "sesion_id": "x"}
+        with pytest.raises(InvalidTaskError, match=r"unknown key 'sesion_id' @ TaskPayload"):
+            self.codec.payload_from_dict(data)
+
+    def test_a_payload_dict_may_say_null_config_and_metadata(self) -> None:
+        data = {n: GOOD_MESSAGE[n] for n in ("session_id", "agent_id", "org_id", "messages")}
+        built = self.codec.payload_from_dict({**data, "config": None, "metadata": None})
+        assert (built.config, built.metadata) == ({}, {})
+
+    def test_a_payload_dict_nested_too_deep_is_refused(self) -> None:
+        data = {n: GOOD_MESSAGE[n] for n in fields_of(TaskPayload)}
+        with pytest.raises(InvalidTaskError, match="nested deeper than MAX_JSON_DEPTH"):
+            self.codec.payload_from_dict({**data, "config": self.nested(100)})
+
+
+class TestEncodingAHandlersReturnValue:
+    """Whatever a handler returns, encoding its result raises InvalidTaskError or nothing."""
+
+    codec = Codec(100_000)
+
+    # Was a package bug (issue 8): a handler returning something odd killed the pool
+    # thread that encoded its result (RecursionError, TypeError, ...).
+    @pytest.mark.parametrize(
+        ("value", "says"),
+        [
+            (_self_containing(), "contains itself"),
+            ({"when": object()}, r"result\.when: a object is not a JSON value"),
+            ({1, 2}, "a set is not a JSON value"),
+            (b"bytes", "a bytes is not a JSON value"),
+            (math.nan, "nan is not a JSON number"),
+            ([math.inf], r"result\[0\]: inf is not a JSON number"),
+            ("x" * 200_000, "larger than MAX_PAYLOAD_BYTES"),
+            ("\u00e9" * 60_000, "exceeds MAX_PAYLOAD_BYTES"),
+            ({1: "one"}, "a key of type int is not a string"),
+            ({(1, 2): "pair"}, "a key of type tuple is not a string"),
+            (Unprintable(), "a Unprintable is not a JSON value"),
+            ([Exiting()], r"result\[0\]: a Exiting is not a JSON value"),
+            ("\ud800", "not UTF-8 text"),
+            ({"ok": ["\udfff"]}, r"result\.ok\[0\]: not UTF-8 text"),
+            ({"\udfff": 1}, r'result\["\\udfff"\]: not UTF-8 text'),
+            (["abc"] * 50_000, "larger than MAX_PAYLOAD_BYTES"),
+            (10**5000, "cannot be encoded"),
+        ],
+        ids=[
+            "recursion",
+            "object",
+            "set",
+            "bytes",
+            "nan",
+            "infinity",
+            "huge",
+            "huge-utf8",
+            "int-key",
+            "tuple-key",
+            "raising-methods",
+            "raising-base-exceptions",
+            "lone-surrogate",
+            "nested-surrogate",
+            "surrogate-key",
+            "many-small-values",
+            "int-too-long",
+        ],
+    )
+    def test_an_odd_value_is_invalid_naming_what_was_wrong(self, value: object, says: str) -> None:
+        result = TaskResult(task_id="t-9", session_id="s", status="succeeded", result=value)
+        with pytest.raises(InvalidTaskError, match=rf"^result of task t-9: .*{says}"):
+            self.codec.encode_result(result)
+
+    def test_a_dict_subclass_is_read_without_calling_its_own_methods(self) -> None:
+        value = MaliciousDict(a=1)
+        result = TaskResult(task_id="t", session_id="s", status="succeeded", result=value)
+        assert json.loads(self.codec.encode_result(result))["result"] == {"a": 1}
+
+    def test_an_attrs_instance_is_stored_as_its_fields(self) -> None:
+        result = TaskResult(task_id="t", session_id="s", status="succeeded", result=message())
+        assert json.loads(self.codec.encode_result(result))["result"]["task_id"] == "task-1"
+
+    def test_tuples_are_stored_as_lists(self) -> None:
+        result = TaskResult(task_id="t", session_id="s", status="succeeded", result=(1, (2,)))
+        assert json.loads(self.codec.encode_result(result))["result"] == [1, [2]]
+
+
+class ExplodingMessage(Exception):  # noqa: N818 - named for what it does in the test
+    """An exception whose message cannot be had."""
+
+    def __init__(self, raises: BaseException) -> None:
+        super().__init__()
+        self.raises = raises
+
+    def __str__(self) -> str:
+        raise self.raises
+
+
+class OddMessage(Exception):  # noqa: N818 - named for what it does in the test
+    """An exception whose ``__str__`` returns ``text``, whatever that is."""
+
+    def __init__(self, text: Any) -> None:
+        super().__init__()
+        self.text = text
+
+    def __str__(self) -> Any:
+        return self.text
+
+
+class TestDescribingAnError:
+    """describe_error and format_traceback never raise and always give storable text."""
+
+    def test_the_message_of_an_ordinary_exception(self) -> None:
+        assert describe_error(ValueError("boom")) == "boom"
+        assert describe_error(KeyboardInterrupt()) == ""
+
+    @pytest.mark.parametrize(
+        "raises", [RuntimeError("x"), SystemExit(1), KeyboardInterrupt(), RecursionError()]
+    )
+    def test_a_str_that_raises_is_described_not_raised(self, raises: BaseException) -> None:
+        text = describe_error(ExplodingMessage(raises))
+        assert text == f"<str() of the exception raised {type(raises).__name__}>"
+
+    def test_a_str_that_returns_no_string_is_described(self) -> None:
+        assert describe_error(OddMessage(5)) == "<str() of the exception raised TypeError>"
+
+    def test_a_str_subclass_message_becomes_plain_text(self) -> None:
+        class Loud(str):
+            def __format__(self, spec: str) -> str:
+                raise RuntimeError("format")
+
+        text = describe_error(OddMessage(Loud("quiet")))
+        assert (text, type(text)) == ("quiet", str)
+
+    def test_lone_surrogates_are_escaped_so_the_text_encodes(self) -> None:
+        text = describe_error(OddMessage("bad \ud800 text"))
+        assert text == "bad \\ud800 text"
+        text.encode("utf-8")
+
+    def test_a_huge_message_is_cut_to_the_limit_saying_so(self) -> None:
+        text = describe_error(OddMessage("x" * 10_000_000 + "\udfff" * 10))
+        assert len(text) <= constants.MAX_ERROR_CHARS
+        assert text.startswith("xxx")
+        assert "characters cut" in text
+        text.encode("utf-8")
+
+    def test_a_traceback_names_the_frames_and_the_message(self) -> None:
+        try:
+            raise ValueError("deep down")
+        except ValueError as exc:
+            text = format_traceback(exc)
+        assert "test_a_traceback_names_the_frames_and_the_message" in text
+        assert text.rstrip().endswith("ValueError: deep down")
+
+    @pytest.mark.parametrize(
+        "exc",
+        [
+            ExplodingMessage(SystemExit(2)),
+            ExplodingMessage(RuntimeError("x")),
+            OddMessage(["not", "text"]),
+            OddMessage("\ud800" * 5),
+        ],
+        ids=["base-exception", "exception", "not-a-string", "surrogates"],
+    )
+    def test_a_traceback_of_an_exception_with_a_bad_message_is_still_text(
+        self, exc: BaseException
+    ) -> None:
+        try:
+            raise exc
+        except BaseException as caught:  # noqa: BLE001 - the point of the test
+            text = format_traceback(caught)
+        assert type(exc).__name__ in text
+        text.encode("utf-8")
+
+    def test_a_traceback_that_cannot_be_formatted_falls_back_to_the_message(self) -> None:
+        class BadNotesError(Exception):
+            @property
+            def __notes__(self) -> list[str]:
+                raise RuntimeError("notes")
+
+        text = format_traceback(BadNotesError("still said"))
+        assert text.startswith("still said\n(no traceback: formatting it raised RuntimeError)")
+
+    def test_a_huge_traceback_keeps_its_start_and_its_end(self) -> None:
+        try:
+            raise OddMessage("y" * 1_000_000 + "END")
+        except OddMessage as exc:
+            text = format_traceback(exc)
+        assert len(text) <= constants.MAX_ERROR_CHARS
+        assert text.startswith("Traceback")
+        assert text.rstrip().endswith("END")
+
+
+class TestEncodeRetry:
+    """A retry copy always fits where its task fitted: its last error is shortened."""
+
+    def test_a_copy_that_fits_is_stored_whole(self) -> None:
+        codec = Codec(ROOMY)
+        following = message(last_error="E: boom")
+        assert codec.encode_retry(following) == codec.encode_message(following)
+
+    # Was a package bug (issue 8): a failure of a task near MAX_PAYLOAD_BYTES made a retry
+    # copy over the limit, and the refusal killed the pool thread.
+    def test_a_long_last_error_is_shortened_to_fit(self) -> None:
+        bare = Codec(ROOMY).encode_message(message(last_error=None))
+        codec = Codec(len(bare) + 100)
+        stored = codec.encode_retry(message(last_error="E: " + "x" * 5_000))
+        assert len(stored) <= len(bare) + 100
+        last_error = json.loads(stored)["last_error"]
+        assert last_error.startswith("E: xxx")
+        assert last_error.endswith(" [...]")
+
+    def test_when_no_error_text_fits_the_copy_keeps_none(self) -> None:
+        bare = Codec(ROOMY).encode_message(message(last_error=None))
+        stored = Codec(len(bare)).encode_retry(message(last_error="\u00e9" * 50))
+        assert stored == bare
+
+    def test_a_task_that_is_itself_too_large_is_still_refused(self) -> None:
+        with pytest.raises(InvalidTaskError, match="exceeds MAX_PAYLOAD_BYTES"):
+            Codec(50).encode_retry(message(last_error=None))
+        with pytest.raises(InvalidTaskError, match="exceeds MAX_PAYLOAD_BYTES"):
+            Codec(50).encode_retry(message(last_error="E"))
 
 
 class TestEncodingRefusesWhatIsNotJson:
@@ -498,15 +1009,17 @@ class TestEncodingRefusesWhatIsNotJson:
 
     @pytest.mark.parametrize("field", ["config", "metadata"])
     def test_a_config_or_metadata_value_that_is_not_json_is_named(self, field: str) -> None:
-        with pytest.raises(InvalidTaskError, match=rf"^{field}: not JSON-serialisable"):
+        with pytest.raises(InvalidTaskError, match=rf"^{field}\.when: not JSON-serialisable"):
             self.codec.encode_message(message(**{field: {"when": object()}}))
 
     def test_message_text_that_cannot_be_utf8_is_named(self) -> None:
-        with pytest.raises(InvalidTaskError, match=r"^messages: not JSON-serialisable"):
+        with pytest.raises(
+            InvalidTaskError, match=r"^messages\[0\]\.content: not JSON-serialisable"
+        ):
             self.codec.encode_message(message(messages=[{"role": "user", "content": "\ud800"}]))
 
     def test_an_identifier_that_cannot_be_utf8_is_refused(self) -> None:
-        with pytest.raises(InvalidTaskError, match=r"not JSON-serialisable"):
+        with pytest.raises(InvalidTaskError, match=r"^session_id: not JSON-serialisable"):
             self.codec.encode_message(message(session_id="\udfff"))
 
     def test_a_result_value_that_is_not_json_is_refused_naming_the_task(self) -> None:
@@ -519,8 +1032,19 @@ class TestEncodingRefusesWhatIsNotJson:
     # which other JSON readers refuse. Expected: InvalidTaskError naming the field.
     @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
     def test_a_config_float_that_json_cannot_carry_is_refused(self, value: float) -> None:
-        with pytest.raises(InvalidTaskError, match=r"^config: not JSON-serialisable"):
+        with pytest.raises(InvalidTaskError, match=r"^config\.temperature: not JSON-serialisable"):
             self.codec.encode_message(message(config={"temperature": value}))
+
+    def test_a_dead_letter_keeping_what_json_cannot_carry_is_invalid(self) -> None:
+        record = DeadLetterRecord(
+            task_id="t", reason="invalid", error_type="E", error="e", message={"x": object()}
+        )
+        with pytest.raises(InvalidTaskError, match=r"^dead letter of task t: message\.x: a object"):
+            self.codec.encode_record(record)
+
+    def test_a_dead_letter_with_text_utf8_cannot_carry_is_still_stored(self) -> None:
+        record = DeadLetterRecord(task_id="t", reason="invalid", error_type="E", error="\ud800")
+        assert self.codec.decode_record(self.codec.encode_record(record)) == record
 
 
 class TestCodecRoundTrips:
@@ -597,36 +1121,44 @@ class TestCodecRoundTrips:
         ]
 
 
-class TestRedeliveryMarker:
-    """``~N~<task>`` marks deliveries lost to dead workers; the helpers read it back."""
-
-    @timing_free
-    @given(st.integers(min_value=0, max_value=10**30), st.binary())
-    def test_split_redelivery_reads_back_any_marker(self, lost: int, body: bytes) -> None:
-        assert split_redelivery(b"~%d~" % lost + body) == (lost, body)
+class TestTaskIdOf:
+    """``task_id_of`` finds a stored task's id as the Lua scripts do, or names the body."""
 
     @pytest.mark.parametrize(
-        "raw",
-        [b'{"task_id": "t"}', b"", b"~~body", b"~x~body", b"a~1~b", b"~1", b"~-1~body"],
+        ("body", "expected"),
+        [
+            (b'{"task_id": "abc"}', "abc"),
+            (b'{"task_id":"a:b.c-d_e"}', "a:b.c-d_e"),
+            (b'{"session_id": "s", "task_id" :\n "late"}', "late"),
+            (b'{"config": {"task_id": 5}, "task_id": "top"}', "top"),
+            (b'{"task_id": "' + b"x" * 200 + b'"}', "x" * 200),
+            (b'not json but "task_id": "found"', "found"),
+        ],
     )
-    def test_split_redelivery_leaves_unmarked_bytes_alone(self, raw: bytes) -> None:
-        assert split_redelivery(raw) == (0, raw)
+    def test_the_first_readable_task_id_is_found(self, body: bytes, expected: str) -> None:
+        assert task_id_of(body) == expected
 
-    def test_split_redelivery_strips_only_the_first_marker(self) -> None:
-        assert split_redelivery(b"~2~~1~body") == (2, b"~1~body")
-
-    def test_task_id_of_reads_the_task_id_behind_a_marker(self) -> None:
-        assert task_id_of(b'{"task_id": "abc"}') == "abc"
-        assert task_id_of(b'~3~{"task_id": "abc"}') == "abc"
+    def test_our_encoding_puts_the_task_id_first(self) -> None:
+        raw = Codec(ROOMY).encode_message(message(config={"task_id": "nested"}))
+        assert raw.startswith(b'{"task_id":"task-1",')
+        assert task_id_of(raw) == "task-1"
 
     @pytest.mark.parametrize(
         "body",
-        [b"not json", b"\xff\xfe", b"[1, 2]", b'{"task_id": 5}', b'{"id": "x"}', b""],
+        [
+            b"not json",
+            b"\xff\xfe",
+            b"[1, 2]",
+            b'{"task_id": 5}',
+            b'{"id": "x"}',
+            b"",
+            b'{"task_id": "has space"}',
+            b'{"task_id": "' + b"x" * 201 + b'"}',
+            b'~2~{"task_ids": "x"}',
+        ],
     )
-    def test_task_id_of_names_an_unreadable_task_by_the_sha1_of_its_body(self, body: bytes) -> None:
-        expected = "raw-" + hashlib.sha1(body, usedforsecurity=False).hexdigest()
-        assert task_id_of(body) == expected
-        assert task_id_of(b"~2~" + body) == expected
+    def test_a_body_without_a_readable_task_id_is_named_by_its_sha1(self, body: bytes) -> None:
+        assert task_id_of(body) == "raw-" + hashlib.sha1(body, usedforsecurity=False).hexdigest()
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -689,6 +1221,17 @@ class TestConstants:
         source = inspect.getsource(constants)
         for name in (n for n in vars(constants) if n.isupper()):
             assert re.search(rf"^#: .+\n{name} = ", source, re.MULTILINE), name
+
+
+#: (low, high): settings of which the first must never exceed the second.
+BOUNDED_PAIRS = [
+    ("queue_length_warning_threshold", "max_queue_length"),
+    ("error_retry_delay", "max_reconnect_delay"),
+    ("retry_base_delay", "retry_max_delay"),
+    ("heartbeat_interval", "worker_dead_after"),
+    ("stop_poll_slice", "socket_timeout"),
+    ("pubsub_message_timeout", "socket_timeout"),
+]
 
 
 class TestQueueSettings:
@@ -760,27 +1303,22 @@ class TestQueueSettings:
             QueueSettings(**{field: 2.5})
 
     @pytest.mark.parametrize(
-        ("changes", "low", "high"),
+        ("low", "high", "values"),
         [
-            (
-                {"queue_length_warning_threshold": 10_001},
-                "queue_length_warning_threshold",
-                "max_queue_length",
-            ),
-            ({"error_retry_delay": 61.0}, "error_retry_delay", "max_reconnect_delay"),
-            ({"retry_base_delay": 301.0}, "retry_base_delay", "retry_max_delay"),
-            ({"heartbeat_interval": 11.0}, "heartbeat_interval", "worker_dead_after"),
-            ({"stop_poll_slice": 6.0}, "stop_poll_slice", "socket_timeout"),
-            ({"pubsub_message_timeout": 6.0}, "pubsub_message_timeout", "socket_timeout"),
+            ("queue_length_warning_threshold", "max_queue_length", (10_001, 10_000)),
+            ("error_retry_delay", "max_reconnect_delay", (61.0, 60.0)),
+            ("retry_base_delay", "retry_max_delay", (301.0, 300.0)),
+            ("stop_poll_slice", "socket_timeout", (6.0, 5.0)),
+            ("pubsub_message_timeout", "socket_timeout", (6.0, 5.0)),
         ],
     )
-    def test_a_value_above_its_bound_is_refused_naming_both(
-        self, changes: dict[str, Any], low: str, high: str
+    def test_two_given_values_that_contradict_are_refused_naming_both(
+        self, low: str, high: str, values: tuple[float, float]
     ) -> None:
         with pytest.raises(
             SettingsError, match=rf"^setting {low} \(.*\) must not exceed {high} \("
         ):
-            QueueSettings(**changes)
+            QueueSettings(**{low: values[0], high: values[1]})
 
     def test_a_bound_may_be_reached_exactly(self) -> None:
         settings = QueueSettings(max_queue_length=10, queue_length_warning_threshold=10)
@@ -789,10 +1327,71 @@ class TestQueueSettings:
     def test_a_worker_must_miss_two_heartbeats_before_it_is_dead(self) -> None:
         with pytest.raises(
             SettingsError,
-            match=r"worker_dead_after \(10.0\) must be at least twice heartbeat_interval \(6.0\)",
+            match=r"worker_dead_after \(10.0\) must be at least 2 times heartbeat_interval \(6.0\)",
         ):
-            QueueSettings(heartbeat_interval=6.0)
-        assert QueueSettings(heartbeat_interval=5.0).worker_dead_after == 10.0
+            QueueSettings(heartbeat_interval=6.0, worker_dead_after=10.0)
+        assert QueueSettings(heartbeat_interval=5.0, worker_dead_after=10.0).worker_dead_after == 10
+
+    # Was a package bug (issue 8): QueueSettings(max_queue_length=100) was refused because
+    # the warning threshold's default (5,000) exceeded it; every setting must work alone.
+    @pytest.mark.parametrize("field", [f.name for f in attrs.fields(QueueSettings)])
+    @pytest.mark.parametrize("scale", [0.01, 100.0], ids=["far-below", "far-above"])
+    def test_every_setting_can_be_given_on_its_own(self, field: str, scale: float) -> None:
+        default = getattr(constants, field.upper())
+        if isinstance(default, str):
+            value: Any = default + ".other"
+        elif field == "retry_jitter":
+            value = 0.5 if scale > 1 else 0.001
+        elif isinstance(default, int):
+            value = max(1, round(default * scale)) if default else round(scale)
+        else:
+            value = default * scale if default else scale
+        settings = QueueSettings(**{field: value})
+        assert getattr(settings, field) == value
+        for low, high in BOUNDED_PAIRS:
+            assert getattr(settings, low) <= getattr(settings, high), (low, high)
+        assert settings.worker_dead_after >= 2 * settings.heartbeat_interval
+
+    @pytest.mark.parametrize(
+        ("given", "follower", "expected"),
+        [
+            ({"max_queue_length": 100}, "queue_length_warning_threshold", 50),
+            ({"max_queue_length": 1}, "queue_length_warning_threshold", 1),
+            ({"max_queue_length": 20_000}, "queue_length_warning_threshold", 5_000),
+            ({"queue_length_warning_threshold": 20_000}, "max_queue_length", 40_000),
+            ({"max_reconnect_delay": 0.5}, "error_retry_delay", 0.5),
+            ({"error_retry_delay": 120.0}, "max_reconnect_delay", 120.0),
+            ({"retry_max_delay": 0.0}, "retry_base_delay", 0.0),
+            ({"retry_base_delay": 600.0}, "retry_max_delay", 600.0),
+            ({"worker_dead_after": 3.0}, "heartbeat_interval", 0.6),
+            ({"heartbeat_interval": 6.0}, "worker_dead_after", 30.0),
+            ({"socket_timeout": 0.5}, "stop_poll_slice", 0.1),
+            ({"socket_timeout": 0.5}, "pubsub_message_timeout", 0.1),
+            ({"stop_poll_slice": 6.0}, "socket_timeout", 30.0),
+            ({"stop_poll_slice": 6.0, "pubsub_message_timeout": 7.0}, "socket_timeout", 35.0),
+        ],
+    )
+    def test_a_dependent_default_follows_the_setting_it_depends_on(
+        self, given: dict[str, Any], follower: str, expected: float
+    ) -> None:
+        assert getattr(QueueSettings(**given), follower) == pytest.approx(expected)
+
+    def test_a_dependent_default_that_fits_is_kept(self) -> None:
+        settings = QueueSettings(max_queue_length=50_000, worker_dead_after=60.0)
+        assert settings.queue_length_warning_threshold == constants.QUEUE_LENGTH_WARNING_THRESHOLD
+        assert settings.heartbeat_interval == constants.HEARTBEAT_INTERVAL
+
+    def test_a_followed_whole_number_stays_a_whole_number(self) -> None:
+        threshold = QueueSettings(max_queue_length=7).queue_length_warning_threshold
+        assert (threshold, type(threshold)) == (3, int)
+
+    @pytest.mark.parametrize("field", ["default_queue_name", "dead_letter_queue"])
+    @pytest.mark.parametrize("value", ["has space", "{tag}", "x" * (MAX_NAME_LENGTH + 1)])
+    def test_a_name_unfit_for_a_key_is_refused_naming_the_setting(
+        self, field: str, value: str
+    ) -> None:
+        with pytest.raises(SettingsError, match=rf"^setting {field} .* is not allowed"):
+            QueueSettings(**{field: value})
 
     @pytest.mark.parametrize(("poll", "expected"), [(30.0, 1.0), (0.25, 0.25)])
     def test_a_blocking_pop_waits_no_longer_than_the_stop_slice(
@@ -874,7 +1473,26 @@ class TestQueueSettingsFromEnv:
         with pytest.raises(
             SettingsError, match=r"queue_length_warning_threshold .* max_queue_length"
         ):
-            QueueSettings.from_env({"SEMIBOT_QUEUE_MAX_QUEUE_LENGTH": "100"})
+            QueueSettings.from_env(
+                {
+                    "SEMIBOT_QUEUE_MAX_QUEUE_LENGTH": "100",
+                    "SEMIBOT_QUEUE_QUEUE_LENGTH_WARNING_THRESHOLD": "200",
+                }
+            )
+
+    def test_one_variable_alone_moves_what_depends_on_it(self) -> None:
+        settings = QueueSettings.from_env({"SEMIBOT_QUEUE_MAX_QUEUE_LENGTH": "100"})
+        assert (settings.max_queue_length, settings.queue_length_warning_threshold) == (100, 50)
+
+    # Was a package bug (issue 8): a bad queue name from the environment was refused
+    # later, by the key space, without naming the variable it came from.
+    @pytest.mark.parametrize("raw", ["bad name", "{agent}:tasks", "caf\u00e9"])
+    def test_a_bad_queue_name_from_the_environment_names_the_variable(self, raw: str) -> None:
+        variable = "SEMIBOT_QUEUE_DEFAULT_QUEUE_NAME"
+        with pytest.raises(
+            SettingsError, match=rf"^environment variable {variable}={re.escape(repr(raw))}: "
+        ):
+            QueueSettings.from_env({variable: raw})
 
 
 # --- keys -------------------------------------------------------------------------------------
@@ -886,7 +1504,6 @@ class TestKeySpace:
     @pytest.mark.parametrize(
         "key",
         [
-            lambda k: k.pending,
             lambda k: k.scheduled,
             lambda k: k.workers,
             lambda k: k.dead,
@@ -897,7 +1514,6 @@ class TestKeySpace:
             lambda k: k.result("task-1"),
         ],
         ids=[
-            "pending",
             "scheduled",
             "workers",
             "dead",
@@ -913,6 +1529,12 @@ class TestKeySpace:
         name = key(KeySpace(queue))
         assert name.startswith("{" + queue + "}:")
         assert name.count("{") == 1
+
+    # Was a package bug (issue 8): tasks the Semibot runtime LPUSHed onto agent:tasks were
+    # never read: our pending list was {agent:tasks}:pending.
+    @pytest.mark.parametrize("queue", ["q", "agent:tasks"])
+    def test_the_pending_list_is_named_exactly_as_the_queue(self, queue: str) -> None:
+        assert KeySpace(queue).pending == queue
 
     def test_the_keys_of_one_queue_are_all_different(self) -> None:
         k = KeySpace("q")
@@ -930,7 +1552,7 @@ class TestKeySpace:
     def test_key_names_are_exact(self) -> None:
         k = KeySpace("q")
         assert (k.pending, k.scheduled, k.workers, k.dead, k.dead_index) == (
-            "{q}:pending",
+            "q",
             "{q}:scheduled",
             "{q}:workers",
             "{q}:dead",
@@ -938,6 +1560,8 @@ class TestKeySpace:
         )
         assert k.inflight("w1") == "{q}:inflight:w1"
         assert k.result("t1") == "{q}:result:t1"
+        assert k.accepted("t1") == "{q}:accepted:t1"
+        assert k.accepted("t1").startswith(k.accepted_prefix)
 
     def test_result_channels_use_the_prefix_and_the_session(self) -> None:
         k = KeySpace("q", result_prefix="custom:results")
@@ -996,6 +1620,16 @@ class TestKeySpace:
 
     def test_validate_name_returns_an_allowed_name_unchanged(self) -> None:
         assert validate_name("Ab0_.:-", "thing") == "Ab0_.:-"
+
+    def test_no_queue_name_means_the_settings_queue(self) -> None:
+        settings = QueueSettings(default_queue_name="other:q")
+        assert KeySpace.of(None, settings).queue == "other:q"
+        assert KeySpace.of("mine", settings).queue == "mine"
+
+    # Was a package bug (issue 8): queue_name="" silently meant the default queue.
+    def test_an_empty_queue_name_is_refused_not_read_as_the_default(self) -> None:
+        with pytest.raises(InvalidTaskError, match=r"^queue name '' is not allowed"):
+            KeySpace.of("", QueueSettings())
 
 
 # --- backoff ----------------------------------------------------------------------------------
@@ -1183,7 +1817,7 @@ class TestReconnector:
     def test_an_error_that_is_not_transient_is_raised_at_once(self) -> None:
         stop, retries = RecordingEvent(), []
         call = Flaky([redis.ResponseError("WRONGTYPE")])
-        with pytest.raises(redis.ResponseError):
+        with pytest.raises(RedisCommandError, match="WRONGTYPE"):
             self.reconnector(stop, retries).call("enqueue", call)
         assert (call.calls, retries, stop.waits) == (1, [], [])
 
@@ -1222,7 +1856,14 @@ class TestErrorTree:
 
     @pytest.mark.parametrize(
         "error",
-        [QueueFullError, QueueConnectionError, InvalidTaskError, SettingsError, PermanentTaskError],
+        [
+            QueueFullError,
+            QueueConnectionError,
+            InvalidTaskError,
+            SettingsError,
+            PermanentTaskError,
+            DuplicateTaskError,
+        ],
     )
     def test_every_error_is_a_queue_error(self, error: type[Exception]) -> None:
         assert issubclass(error, QueueError)

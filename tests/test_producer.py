@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
-from redis_server import free_port
+from fault_proxy import LossyProxy
+from redis_server import RedisServer, free_port
 from semibot_queue import (
     InvalidTaskError,
     QueueConnectionError,
@@ -20,16 +24,36 @@ from semibot_queue import (
     TaskProducer,
     TaskResult,
 )
-from semibot_queue.codec import Codec
+from semibot_queue.codec import Codec, task_id_of
+from semibot_queue.constants import IDEMPOTENCY_TTL, RESULT_TTL
+from semibot_queue.errors import DuplicateTaskError
 from semibot_queue.keys import KeySpace
 from semibot_queue.scripts import Scripts
 from support import FAST, payload, wait_until
+
+KEYS = KeySpace("q")
+
+
+def pending_ids(client: redis.Redis[bytes]) -> list[str]:
+    """Task ids on the pending list, oldest first."""
+    return [task_id_of(raw) for raw in reversed(client.lrange(KEYS.pending, 0, -1))]
+
+
+def markers(client: redis.Redis[bytes]) -> set[bytes]:
+    return set(client.keys(KEYS.accepted_prefix + "*"))
 
 
 def producer_for(url: str, **settings: object) -> TaskProducer:
     return TaskProducer(
         url, "q", QueueSettings(**settings) if settings else FAST, registry=CollectorRegistry()
     )
+
+
+def nested(levels: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(levels):
+        value = {"x": value}
+    return value
 
 
 def publish_result(client: redis.Redis[bytes], task_id: str, session_id: str) -> TaskResult:
@@ -60,12 +84,11 @@ class TestEnqueue:
         assert data["delivery_count"] == 0
         assert before <= data["enqueued_at"] <= time.time()
 
-    def test_enqueueing_the_same_task_again_leaves_one_copy(self, redis_url):
-        task = payload(1)
+    def test_a_task_is_stored_as_plain_json_under_the_queue_name(self, redis_url, redis_client):
         with producer_for(redis_url) as producer:
-            assert producer.enqueue(task) == task.task_id
-            assert producer.enqueue(task) == task.task_id
-            assert producer.get_queue_length() == 1
+            task_id = producer.enqueue(payload(1))
+        [stored] = redis_client.lrange("q", 0, -1)
+        assert stored.startswith(b'{"task_id":"' + task_id.encode() + b'",')
 
     def test_enqueue_many_keeps_fifo_order(self, redis_url, redis_client):
         with producer_for(redis_url) as producer:
@@ -116,11 +139,144 @@ class TestEnqueue:
                 thread.join()
         assert len(accepted) == limit
         assert len(refused) == 20 * 40 - limit
-        markers = {k for k in redis_client.keys("*") if k.startswith(b"{q}:accepted:")}
-        assert set(redis_client.keys("*")) - markers == {KeySpace("q").pending.encode()}
-        assert markers == {KeySpace("q").accepted(task_id).encode() for task_id in accepted}
-        stored = {json.loads(raw)["task_id"] for raw in redis_client.lrange("{q}:pending", 0, -1)}
-        assert stored == set(accepted)
+        found = markers(redis_client)
+        assert set(redis_client.keys("*")) - found == {KEYS.pending.encode()}
+        assert found == {KEYS.accepted(task_id).encode() for task_id in accepted}
+        assert set(pending_ids(redis_client)) == set(accepted)
+
+
+@pytest.fixture
+def proxy(redis_server: RedisServer, redis_url: str) -> Iterator[LossyProxy]:
+    """A proxy in front of the emptied shared server that can lose one reply."""
+    lossy = LossyProxy(redis_server.port)
+    lossy.start()
+    try:
+        yield lossy
+    finally:
+        lossy.close()
+
+
+def finish(client: redis.Redis[bytes], task_id: str) -> None:
+    """Take ``task_id``'s task and record its result as a worker's ack does (a final outcome)."""
+    stored = client.lmove(KEYS.pending, KEYS.inflight("w"), "RIGHT", "LEFT")
+    assert stored is not None
+    assert task_id_of(stored) == task_id
+    result = TaskResult(task_id=task_id, session_id="session-1", status="succeeded")
+    encoded = Codec(1 << 20).encode_result(result)
+    scripts = Scripts(client, KEYS)
+    try:
+        flags, _ = scripts.ack(KEYS.inflight("w"), 60, [(stored, task_id, encoded, "c")])
+    finally:
+        scripts.close()
+    assert flags == [1]
+
+
+class TestIdempotency:
+    """A task id is live from its enqueue until its final outcome, clear_queue or
+    IDEMPOTENCY_TTL: a user's second enqueue of it raises, the library's own repeat does not."""
+
+    # Was a package bug (issue 8): a second enqueue of an id returned the id as if it had
+    # been written, and wrote nothing.
+    def test_a_second_enqueue_of_a_live_id_raises_duplicate_and_writes_nothing(
+        self, redis_url, redis_client
+    ):
+        task = payload(1, config={"first": True})
+        with producer_for(redis_url) as producer:
+            assert producer.enqueue(task) == task.task_id
+            before = redis_client.lrange(KEYS.pending, 0, -1)
+            again = payload(1, task_id=task.task_id, config={"second": True})
+            with pytest.raises(DuplicateTaskError, match=rf"task id {task.task_id} still live"):
+                producer.enqueue(again)
+        assert redis_client.lrange(KEYS.pending, 0, -1) == before
+
+    def test_a_batch_holding_one_live_id_is_refused_whole(self, redis_url, redis_client):
+        with producer_for(redis_url) as producer:
+            live = producer.enqueue(payload(1))
+            batch = [payload(2), payload(3, task_id=live), payload(4)]
+            with pytest.raises(DuplicateTaskError, match=rf"{live} still live.* 3 task\(s\)"):
+                producer.enqueue_many(batch)
+        assert pending_ids(redis_client) == [live]
+        assert markers(redis_client) == {KEYS.accepted(live).encode()}
+
+    # Was a package bug (issue 8): enqueue_many([t, t]) pushed two copies.
+    def test_a_task_id_twice_in_one_enqueue_many_is_refused_and_nothing_written(
+        self, redis_url, redis_client
+    ):
+        first, other = payload(1), payload(2)
+        with (
+            producer_for(redis_url) as producer,
+            pytest.raises(InvalidTaskError, match=rf"{first.task_id} at positions 0, 2"),
+        ):
+            producer.enqueue_many([first, other, first])
+        assert redis_client.keys("*") == []
+
+    # Was a package bug (issue 8): an id enqueued in the last hour was silently dropped by
+    # enqueue even after clear_queue had deleted its task.
+    def test_an_id_cleared_from_the_queue_can_be_enqueued_again(self, redis_url, redis_client):
+        task = payload(1)
+        with producer_for(redis_url) as producer:
+            producer.enqueue(task)
+            assert producer.clear_queue() == 1
+            assert markers(redis_client) == set()
+            assert producer.enqueue(task) == task.task_id
+        assert pending_ids(redis_client) == [task.task_id]
+
+    def test_an_id_whose_task_finished_can_be_enqueued_again(self, redis_url, redis_client):
+        task = payload(1)
+        with producer_for(redis_url) as producer:
+            producer.enqueue(task)
+            finish(redis_client, task.task_id)
+            assert producer.enqueue(task) == task.task_id
+        assert pending_ids(redis_client) == [task.task_id]
+
+    # Was a package bug (issue 8): the marker lived RESULT_TTL (an hour).
+    @pytest.mark.parametrize("ttl", [None, 30])
+    def test_the_marker_lives_idempotency_ttl(self, redis_url, redis_client, ttl):
+        settings = {} if ttl is None else {"idempotency_ttl": ttl}
+        expected = IDEMPOTENCY_TTL if ttl is None else ttl
+        with producer_for(redis_url, **settings) as producer:
+            task_id = producer.enqueue(payload(1))
+        left = redis_client.ttl(KEYS.accepted(task_id))
+        assert expected - 5 < left <= expected
+        assert IDEMPOTENCY_TTL < RESULT_TTL
+
+    # Issue 8: the library's own resend after a lost reply must stay idempotent: the
+    # same call repeated finds its own token on the marker, so no DuplicateTaskError.
+    @pytest.mark.parametrize("size", [1, 3])
+    def test_an_enqueue_whose_reply_is_lost_is_repeated_and_written_once(
+        self, redis_client, proxy, size
+    ):
+        settings = QueueSettings(error_retry_delay=0.05, max_reconnect_delay=0.1)
+        with TaskProducer(proxy.url, "q", settings, registry=CollectorRegistry()) as producer:
+            producer.enqueue(payload(0))  # Redis now knows the script: one EVALSHA per call
+            proxy.lose_reply_to(b"EVALSHA")
+            batch = [payload(n) for n in range(1, size + 1)]
+            ids = producer.enqueue_many(batch)
+        assert proxy.reply_lost.is_set()
+        assert ids == [p.task_id for p in batch]
+        assert pending_ids(redis_client)[1:] == ids
+
+
+class TestWaitersIgnoreForeignMessages:
+    """A result channel may carry other publishers' messages (the runtime's own workers)."""
+
+    def test_a_message_that_is_not_a_result_is_skipped(self, redis_url, redis_client):
+        with producer_for(redis_url) as producer:
+            task_id = producer.enqueue(payload(1))
+            channel = KEYS.result_channel("session-1").encode()
+
+            def publish_later() -> None:
+                wait_until(lambda: redis_client.pubsub_numsub(channel)[0][1] > 0, what="waiter")
+                redis_client.publish(channel, b'{"task_id": "x", "status": "completed"}')
+                redis_client.publish(channel, b"not json")
+                publish_result(redis_client, task_id, "session-1")
+
+            thread = threading.Thread(target=publish_later)
+            thread.start()
+            result = producer.wait_for_result(task_id, timeout=5)
+            thread.join()
+        assert result is not None
+        assert result.task_id == task_id
 
 
 class TestInvalidInput:
@@ -130,10 +286,13 @@ class TestInvalidInput:
         ("bad", "message"),
         [
             ({"session_id": "s"}, "expected a TaskPayload"),
-            (payload(config={"when": object()}), "config: not JSON-serialisable"),
-            (payload(metadata={"blob": b"bytes"}), "metadata: not JSON-serialisable"),
+            (payload(config={"when": object()}), r"config\.when: not JSON-serialisable"),
+            (payload(metadata={"blob": b"bytes"}), r"metadata\.blob: not JSON-serialisable"),
             (payload(config={"text": "x" * 5000}), "exceeds MAX_PAYLOAD_BYTES"),
+            (payload(config={"deep": nested(100)}), "nested deeper than MAX_JSON_DEPTH"),
+            (payload(config={"deep": nested(50_000)}), "nested deeper than MAX_JSON_DEPTH"),
         ],
+        ids=["not-a-payload", "object", "bytes", "too-large", "too-deep", "far-too-deep"],
     )
     def test_bad_payloads_are_refused(self, redis_url, redis_client, bad, message):
         with (
@@ -141,6 +300,26 @@ class TestInvalidInput:
             pytest.raises(InvalidTaskError, match=message),
         ):
             producer.enqueue_many([payload(1), bad])
+        assert redis_client.keys("*") == []
+
+    # Was a package bug (issue 8): a payload changed after it was built was encoded
+    # unchecked; the worker then dead-lettered it as invalid instead of enqueue refusing it.
+    @pytest.mark.parametrize(
+        ("change", "says"),
+        [
+            (lambda p: p.messages.append({"role": "user"}), r"messages\[1\]: must be a mapping"),
+            (lambda p: p.config.update(t=math.inf), r"config\.t: not JSON-serialisable"),
+            (lambda p: p.metadata.update({7: "x"}), "a key of type int is not a string"),
+        ],
+        ids=["message", "infinity", "int-key"],
+    )
+    def test_a_payload_changed_after_it_was_built_is_refused_and_nothing_written(
+        self, redis_url, redis_client, change, says
+    ):
+        changed = payload(2)
+        change(changed)
+        with producer_for(redis_url) as producer, pytest.raises(InvalidTaskError, match=says):
+            producer.enqueue_many([payload(1), changed])
         assert redis_client.keys("*") == []
 
     def test_a_task_id_unfit_for_a_key_is_refused_when_built(self):
@@ -190,6 +369,26 @@ class TestResults:
         assert result is not None
         assert result.session_id == "session-1"
 
+    def test_a_waiter_whose_subscription_drops_subscribes_again_and_gets_its_result(
+        self, redis_url, redis_client
+    ):
+        with producer_for(redis_url) as producer:
+            task_id = producer.enqueue(payload(1))
+            channel = KEYS.result_channel("session-1").encode()
+
+            def cut_then_publish() -> None:
+                wait_until(lambda: redis_client.pubsub_numsub(channel)[0][1] > 0, what="waiter")
+                assert redis_client.client_kill_filter(_type="pubsub") >= 1
+                wait_until(lambda: redis_client.pubsub_numsub(channel)[0][1] > 0, what="again")
+                publish_result(redis_client, task_id, "session-1")
+
+            thread = threading.Thread(target=cut_then_publish)
+            thread.start()
+            result = producer.wait_for_result(task_id, timeout=10)
+            thread.join()
+        assert result is not None
+        assert result.task_id == task_id
+
     def test_a_missing_result_returns_none_at_the_timeout(self, redis_url):
         with producer_for(redis_url) as producer:
             started = time.monotonic()
@@ -202,13 +401,25 @@ class TestInspection:
     """Queue length and clearing, and the connection's life cycle."""
 
     def test_clear_queue_deletes_pending_tasks_only(self, redis_url, redis_client):
-        redis_client.zadd(KeySpace("q").scheduled, {b"retry": 1})
+        redis_client.zadd(KEYS.scheduled, {b"retry": 1})
         with producer_for(redis_url) as producer:
             producer.enqueue_many([payload(n) for n in range(4)])
             assert producer.clear_queue() == 4
             assert producer.get_queue_length() == 0
             assert producer.clear_queue() == 0
-        assert redis_client.zcard(KeySpace("q").scheduled) == 1
+        assert redis_client.keys("*") == [KEYS.scheduled.encode()]
+
+    def test_clear_queue_works_through_many_batches(self, redis_url, redis_client):
+        with producer_for(redis_url, maintenance_batch=3) as producer:
+            producer.enqueue_many([payload(n) for n in range(10)])
+            redis_client.lpush(KEYS.pending, b"garbage the runtime pushed")
+            assert producer.clear_queue() == 11
+        assert redis_client.keys("*") == []
+
+    # Was a package bug (issue 8): queue_name="" silently meant the default queue.
+    def test_an_empty_queue_name_is_refused(self):
+        with pytest.raises(InvalidTaskError, match=r"^queue name '' is not allowed"):
+            TaskProducer("redis://127.0.0.1:1/0", "", registry=CollectorRegistry())
 
     def test_a_producer_used_before_connect_says_so(self, redis_url):
         producer = producer_for(redis_url)
@@ -237,9 +448,14 @@ class TestInspection:
         assert "3 attempts" in str(caught.value)
 
     def test_a_given_client_is_used_and_left_open(self, fake_redis):
+        task = payload()
         with TaskProducer(queue_name="q", client=fake_redis, registry=CollectorRegistry()) as p:
-            p.enqueue(payload())
-        assert fake_redis.llen(KeySpace("q").pending) == 1
+            p.enqueue(task)
+            with pytest.raises(DuplicateTaskError):
+                p.enqueue(task)
+            p.clear_queue()
+            p.enqueue(task)
+        assert fake_redis.llen(KEYS.pending) == 1
 
     def test_the_default_url_comes_from_the_environment(self, monkeypatch):
         monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/5")

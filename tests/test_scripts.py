@@ -24,7 +24,7 @@ import pytest
 import redis
 from redis.client import PubSub
 
-from semibot_queue.codec import Codec, split_redelivery, task_id_of
+from semibot_queue.codec import Codec, task_id_of
 from semibot_queue.dead_letter import raw_bytes
 from semibot_queue.keys import KeySpace
 from semibot_queue.scripts import Scripts
@@ -45,9 +45,11 @@ def task(n: int | str) -> bytes:
     return json.dumps({"task_id": f"t{n}", "session_id": "session-1"}).encode()
 
 
-def push(scripts: Scripts, tasks: list[bytes], max_length: int) -> int:
-    """enqueue.lua on stored tasks, each marked as accepted by its task id for a minute."""
-    return scripts.enqueue([(task_id_of(t), t) for t in tasks], max_length, 60)
+def push(scripts: Scripts, tasks: list[bytes], max_length: int, call: str = "call-0") -> int:
+    """enqueue.lua on stored tasks, each id marked with the token ``call`` for a minute: the
+    new length, -1 (full) or -2 (an id live under another call's token)."""
+    status, _ = scripts.enqueue([(task_id_of(t), t) for t in tasks], max_length, 60, call)
+    return status
 
 
 def marked(lost: int, body: bytes) -> bytes:
@@ -131,6 +133,12 @@ def take_all(scripts: Scripts, worker: str = "taker") -> list[bytes]:
     return scripts.fetch(KEYS.inflight(worker), 1000)
 
 
+def dead_letter_prelude() -> str:
+    """The source of lib_dead_letter.lua, the prelude of the dead-letter scripts."""
+    lua = resources.files("semibot_queue").joinpath("lua")
+    return lua.joinpath("lib_dead_letter.lua").read_text("utf-8")
+
+
 # --- the scripts as files ---------------------------------------------------------------------
 
 LUA_NAMES = sorted(
@@ -146,15 +154,17 @@ class TestScriptFiles:
     def test_there_is_one_script_per_state_change(self) -> None:
         assert LUA_NAMES == [
             "ack",
+            "clear",
             "dead_letter",
             "dlq_delete",
+            "dlq_purge",
             "dlq_retry",
             "enqueue",
             "fetch",
             "heartbeat",
+            "lib_dead_letter",
             "promote",
             "publish_result",
-            "purge",
             "recover",
             "release",
             "retry",
@@ -232,16 +242,55 @@ class TestEnqueue:
         assert push(scripts, [task(3)], max_length=3) == -1
         assert redis_client.llen(KEYS.pending) == 3
 
-    def test_a_task_id_already_accepted_is_not_pushed_again(
+    def test_a_repeat_of_the_same_call_writes_nothing_again(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        assert push(scripts, [task(1), task(2)], max_length=10) == 2
-        # A repeat after a lost reply, and a batch mixing old and new ids: one copy each.
-        assert push(scripts, [task(1), task(2)], max_length=10) == 2
-        assert push(scripts, [task(2), task(3)], max_length=10) == 3
-        assert take_all(scripts) == [task(1), task(2), task(3)]
-        ttl = redis_client.ttl(KEYS.accepted("t1"))
-        assert 0 < ttl <= 60
+        assert push(scripts, [task(1), task(2)], max_length=10, call="call-1") == 2
+        before = snapshot(redis_client)
+        # the library's own repeat after a lost reply: same call, same token
+        assert push(scripts, [task(1), task(2)], max_length=10, call="call-1") == 2
+        assert snapshot(redis_client) == before
+        assert redis_client.get(KEYS.accepted("t1")) == b"call-1"
+        assert 0 < redis_client.ttl(KEYS.accepted("t1")) <= 60
+
+    # Was a package bug (issue 8): a second enqueue of an id seen in the last hour returned
+    # as if it had been written, and wrote nothing; now the caller is told.
+    def test_an_id_live_under_another_call_refuses_the_batch_naming_its_positions(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        push(scripts, [task(1), task(3)], max_length=10, call="call-1")
+        before = snapshot(redis_client)
+        tasks = [(task_id_of(t), t) for t in (task(0), task(1), task(2), task(3))]
+        assert scripts.enqueue(tasks, 10, 60, "call-2") == (-2, [1, 3])
+        assert snapshot(redis_client) == before
+
+    def test_a_live_id_is_reported_before_a_full_queue(self, scripts: Scripts) -> None:
+        push(scripts, [task(1)], max_length=1, call="call-1")
+        assert scripts.enqueue([("t1", task(1))], 1, 60, "call-2") == (-2, [0])
+        assert scripts.enqueue([("t2", task(2))], 1, 60, "call-2") == (-1, [])
+
+    def test_an_id_twice_in_one_call_is_refused(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        assert scripts.enqueue([("t1", task(1)), ("t1", task(1))], 10, 60, "call") == (-2, [1])
+        assert redis_client.keys("*") == []
+
+    def test_a_tombstone_left_by_a_final_outcome_frees_the_id_for_other_calls_only(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        redis_client.set(KEYS.accepted("t1"), b"~call-1", ex=60)
+        # the repeat of the call that wrote the finished task: still a no-op
+        assert push(scripts, [task(1)], max_length=10, call="call-1") == 0
+        assert redis_client.get(KEYS.accepted("t1")) == b"~call-1"
+        # any other call: the id is free again
+        assert push(scripts, [task(1)], max_length=10, call="call-2") == 1
+        assert redis_client.get(KEYS.accepted("t1")) == b"call-2"
+
+    def test_a_marker_lives_the_seconds_it_is_given(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        scripts.enqueue([("t1", task(1))], 10, 600, "call")
+        assert 590 < redis_client.ttl(KEYS.accepted("t1")) <= 600
 
     def test_a_repeat_of_a_full_batch_fits_even_when_the_queue_is_full(
         self, scripts: Scripts
@@ -272,11 +321,14 @@ class TestEnqueue:
         assert push(scripts, [], max_length=3) == 0
         assert redis_client.exists(KEYS.pending) == 0
 
-    def test_tasks_are_fetched_in_the_order_they_were_enqueued(self, scripts: Scripts) -> None:
+    def test_tasks_are_taken_in_the_order_they_were_enqueued(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
         push(scripts, [task(1), task(2)], max_length=10)
         push(scripts, [task(3)], max_length=10)
         push(scripts, [task(4), task(5)], max_length=10)
-        assert take_all(scripts) == [task(i) for i in range(1, 6)]
+        # workers take from the right end of the pending list
+        assert [redis_client.rpop(KEYS.pending) for _ in range(5)] == [task(i) for i in range(1, 6)]
 
     def test_enqueue_writes_only_the_pending_list_and_the_markers(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
@@ -285,6 +337,87 @@ class TestEnqueue:
         assert sorted(redis_client.keys("*")) == sorted(
             [KEYS.pending.encode(), KEYS.accepted("t1").encode()]
         )
+
+
+class TestClear:
+    """clear deletes pending tasks a bounded batch per call, with their markers and counts."""
+
+    def test_one_call_deletes_at_most_one_batch_oldest_first(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        push(scripts, [task(i) for i in range(5)], max_length=10)
+        assert scripts.clear(2, 1_000_000) == (2, 3)
+        assert redis_client.lrange(KEYS.pending, 0, -1) == [task(4), task(3), task(2)]
+        assert redis_client.exists(KEYS.accepted("t0"), KEYS.accepted("t1")) == 0
+        assert redis_client.exists(KEYS.accepted("t2"), KEYS.accepted("t4")) == 2
+        assert scripts.clear(10, 1_000_000) == (3, 0)
+        assert redis_client.keys("*") == []
+        assert scripts.clear(10, 1_000_000) == (0, 0)
+
+    def test_one_call_stops_after_the_task_that_reaches_its_byte_budget(
+        self, scripts: Scripts
+    ) -> None:
+        push(scripts, [task(i) for i in range(4)], max_length=10)
+        assert scripts.clear(100, len(task(0)) + 1) == (2, 2)
+        assert scripts.clear(100, 1) == (1, 1)
+
+    # Was a package bug (issue 8): clear_queue left the idempotency markers, so the ids it
+    # deleted stayed "accepted" for an hour and enqueueing them again wrote nothing.
+    def test_a_cleared_id_can_be_enqueued_again(self, scripts: Scripts) -> None:
+        push(scripts, [task(1)], max_length=10, call="call-1")
+        scripts.clear(10, 1_000_000)
+        assert push(scripts, [task(1)], max_length=10, call="call-2") == 1
+
+    def test_delivery_counts_of_cleared_tasks_go_too_others_stay(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        garbage = b"not json at all"
+        redis_client.lpush(KEYS.pending, task(1), garbage)
+        raw_id = "raw-" + hashlib.sha1(garbage, usedforsecurity=False).hexdigest()
+        redis_client.hset(KEYS.crashes, mapping={"t1": 1, raw_id: 2, "in-flight": 1})
+        redis_client.hset(KEYS.releases, mapping={"t1": 3})
+        assert scripts.clear(10, 1_000_000) == (2, 0)
+        assert redis_client.hgetall(KEYS.crashes) == {b"in-flight": b"1"}
+        assert redis_client.exists(KEYS.releases) == 0
+
+    def test_a_body_whose_task_id_is_unreadable_is_deleted_without_touching_markers(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        redis_client.set(KEYS.accepted("other"), b"call")
+        redis_client.lpush(KEYS.pending, b'{"task_id": "has space"}', b"\xff\xfe", b"")
+        assert scripts.clear(10, 1_000_000) == (3, 0)
+        assert redis_client.keys("*") == [KEYS.accepted("other").encode()]
+
+    def test_the_task_id_is_read_where_the_body_says_it(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        runtime = b'{"session_id": "s", "config": {"task_id": 7}, "task_id" : "rt-1"}'
+        redis_client.set(KEYS.accepted("rt-1"), b"call")
+        redis_client.lpush(KEYS.pending, runtime)
+        assert scripts.clear(10, 1_000_000) == (1, 0)
+        assert redis_client.exists(KEYS.accepted("rt-1")) == 0
+
+    # Issue 8: every Lua script stays short whatever the payload size; the task id of a
+    # 1 MB body is found by a plain search, not by decoding it.
+    def test_clearing_twenty_bodies_of_one_megabyte_keeps_every_call_short(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        filler = "x" * 1_000_000
+        bodies = [
+            json.dumps({"session_id": "s", "config": {"text": filler}, "task_id": f"big{i}"})
+            for i in range(20)
+        ]
+        redis_client.lpush(KEYS.pending, *bodies)
+        redis_client.mset({KEYS.accepted(f"big{i}"): b"call" for i in range(20)})
+        with slowlog_of_every_call(redis_client) as durations:
+            calls = 0
+            while scripts.clear(100, 1_000_000)[0]:
+                calls += 1
+        assert calls == 20
+        assert redis_client.keys("*") == []
+        assert len(durations) == 21  # the last call finds nothing left
+        assert max(durations) < SCRIPT_BUDGET_US
+        print(f"clear of 1 MB: max {max(durations)} us, total {sum(durations)} us")
 
 
 class TestFetch:
@@ -469,55 +602,189 @@ class TestRetry:
         assert snapshot(redis_client) == before
 
 
-class TestDeadLetter:
-    """dead_letter moves a task out of flight into the dead-letter hash and index."""
+def dead_keys(client: redis.Redis[bytes]) -> dict[bytes, Any]:
+    """The dead-letter structures only (hash, index, ids, raw, counter), as snapshot() shows."""
+    names = {KEYS.dead, KEYS.dead_index, KEYS.dead_ids, KEYS.dead_raw, KEYS.dead_seq}
+    return {k: v for k, v in snapshot(client).items() if k.decode() in names}
 
-    def test_the_record_is_kept_indexed_by_failure_time_and_the_result_published(
+
+def add_dead(client: redis.Redis[bytes], record_id: str, failed_ms: int, raw: bytes | None) -> None:
+    """A dead-letter record written as lib_dead_letter.lua writes it."""
+    client.hset(KEYS.dead, record_id, b'{"record": "%s"}' % record_id.encode())
+    client.zadd(KEYS.dead_index, {record_id: failed_ms})
+    client.zadd(KEYS.dead_ids, {record_id: 0})
+    if raw is not None:
+        client.hset(KEYS.dead_raw, record_id, raw)
+
+
+def garbage_in_flight(client: redis.Redis[bytes], *bodies: bytes) -> str:
+    inflight = KEYS.inflight("w1")
+    client.lpush(inflight, *bodies)
+    return inflight
+
+
+@contextmanager
+def slowlog_of_every_call(client: redis.Redis[bytes]) -> Iterator[list[int]]:
+    """Durations in microseconds of every command run meanwhile (Redis' own SLOWLOG)."""
+    old = client.config_get("slowlog-*")
+    # Commands run inside a script are logged too: keep room for all of them.
+    client.config_set("slowlog-max-len", 100_000)
+    client.config_set("slowlog-log-slower-than", 0)
+    client.slowlog_reset()
+    durations: list[int] = []
+    try:
+        yield durations
+        durations += [
+            entry["duration"]
+            for entry in client.slowlog_get(-1)
+            if entry["command"].startswith(b"EVALSHA")
+        ]
+    finally:
+        client.config_set("slowlog-log-slower-than", old["slowlog-log-slower-than"])
+        client.config_set("slowlog-max-len", old["slowlog-max-len"])
+        client.slowlog_reset()
+
+
+#: What "a few milliseconds" (DESIGN invariant 11) means for one script call, in microseconds.
+SCRIPT_BUDGET_US = 10_000
+
+
+class TestDeadLetter:
+    """dead_letter moves a task out of flight into a new record of its own: its final outcome."""
+
+    def test_the_task_becomes_a_new_record_indexed_by_failure_time_and_its_result_is_published(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        inflight = KEYS.inflight("w1")
-        redis_client.lpush(inflight, task(1), task(2))
+        inflight = garbage_in_flight(redis_client, task(1), task(2))
         before = redis_ms(redis_client)
         with listening(redis_client, CHANNEL) as pubsub:
-            moved = scripts.dead_letter(
-                inflight, task(1), "t1", b'{"record": 1}', (result_json(1, "failed"), CHANNEL, TTL)
+            record_id = scripts.dead_letter(
+                inflight,
+                task(1),
+                "t1",
+                b'{"record": 1}',
+                None,
+                (result_json(1, "failed"), CHANNEL, TTL),
             )
             published = next_message(pubsub)
         after = redis_ms(redis_client)
-        assert moved is True
+        assert record_id == "t1#1"
         assert published["data"] == result_json(1, "failed")
         assert redis_client.lrange(inflight, 0, -1) == [task(2)]
-        assert redis_client.hgetall(KEYS.dead) == {b"t1": b'{"record": 1}'}
+        assert redis_client.hgetall(KEYS.dead) == {b"t1#1": b'{"record": 1}'}
         ((member, failed_at),) = redis_client.zrange(KEYS.dead_index, 0, -1, withscores=True)
-        assert member == b"t1"
+        assert member == b"t1#1"
         assert before <= failed_at <= after
+        assert redis_client.zrange(KEYS.dead_ids, 0, -1, withscores=True) == [(b"t1#1", 0.0)]
+        assert redis_client.exists(KEYS.dead_raw) == 0
         assert redis_client.get(KEYS.result("t1")) == result_json(1, "failed")
         assert 0 < redis_client.ttl(KEYS.result("t1")) <= TTL
+
+    def test_a_final_outcome_drops_the_tasks_delivery_counts_and_idempotency_marker(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        inflight = garbage_in_flight(redis_client, task(1))
+        redis_client.hset(KEYS.crashes, mapping={"t1": 2, "t2": 1})
+        redis_client.hset(KEYS.releases, mapping={"t1": 1})
+        redis_client.set(KEYS.accepted("t1"), b"token", ex=60)
+        redis_client.set(KEYS.accepted("t2"), b"token", ex=60)
+        assert scripts.dead_letter(inflight, task(1), "t1", b"{}", None, None) == "t1#1"
+        assert redis_client.hgetall(KEYS.crashes) == {b"t2": b"1"}
+        assert redis_client.exists(KEYS.releases, KEYS.accepted("t1")) == 0
+        assert redis_client.get(KEYS.accepted("t2")) == b"token"
+
+    @pytest.mark.parametrize(
+        "raw",
+        [b"\x00\xff\xfe not utf-8", b"", b"x" * 1_048_576],
+        ids=["binary", "empty", "one-megabyte"],
+    )
+    def test_raw_bytes_are_kept_verbatim_beside_the_record(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes], raw: bytes
+    ) -> None:
+        inflight = garbage_in_flight(redis_client, raw)
+        named = task_id_of(raw)
+        record_id = scripts.dead_letter(inflight, raw, named, b'{"r": 1}', raw, None)
+        assert record_id == f"{named}#1"
+        assert redis_client.hgetall(KEYS.dead_raw) == {record_id.encode(): raw}
+        assert redis_client.hgetall(KEYS.dead) == {record_id.encode(): b'{"r": 1}'}
+        assert redis_client.llen(inflight) == 0
 
     def test_a_task_with_no_session_to_tell_gets_no_result(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        inflight = KEYS.inflight("w1")
-        redis_client.lpush(inflight, b"not json")
+        inflight = garbage_in_flight(redis_client, b"not json")
         with listening(redis_client, CHANNEL) as pubsub:
-            assert scripts.dead_letter(inflight, b"not json", "raw-1", b"{}", None) is True
+            record_id = scripts.dead_letter(inflight, b"not json", "raw-1", b"{}", None, None)
             assert_nothing_published(redis_client, pubsub, CHANNEL)
-        assert redis_client.hgetall(KEYS.dead) == {b"raw-1": b"{}"}
+        assert record_id == "raw-1#1"
+        assert redis_client.hgetall(KEYS.dead) == {b"raw-1#1": b"{}"}
         assert redis_client.exists(KEYS.result("raw-1")) == 0
 
     def test_a_task_no_longer_in_flight_is_not_dead_lettered_and_nothing_is_written(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        inflight = KEYS.inflight("w1")
-        redis_client.lpush(inflight, task(2))
+        inflight = garbage_in_flight(redis_client, task(2))
+        redis_client.hset(KEYS.crashes, "t1", 1)
+        redis_client.set(KEYS.accepted("t1"), b"token")
         before = snapshot(redis_client)
         with listening(redis_client, CHANNEL) as pubsub:
-            moved = scripts.dead_letter(
-                inflight, task(1), "t1", b"{}", (result_json(1, "failed"), CHANNEL, TTL)
+            record_id = scripts.dead_letter(
+                inflight, task(1), "t1", b"{}", task(1), (result_json(1, "failed"), CHANNEL, TTL)
             )
             assert_nothing_published(redis_client, pubsub, CHANNEL)
-        assert moved is False
+        assert record_id is None
         assert snapshot(redis_client) == before
+
+    # Issue 8, "Why": identical garbage pushed twice was one dead-letter record (the second
+    # wrote over the first, keyed by raw-<sha1>).
+    def test_identical_garbage_pushed_twice_is_two_dead_letter_records(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        garbage = b"\xff garbage"
+        inflight = garbage_in_flight(redis_client, garbage, garbage)
+        named = task_id_of(garbage)
+        first = scripts.dead_letter(inflight, garbage, named, b'{"n": 1}', garbage, None)
+        second = scripts.dead_letter(inflight, garbage, named, b'{"n": 2}', garbage, None)
+        assert (first, second) == (f"{named}#1", f"{named}#2")
+        assert redis_client.hgetall(KEYS.dead) == {
+            f"{named}#1".encode(): b'{"n": 1}',
+            f"{named}#2".encode(): b'{"n": 2}',
+        }
+        assert redis_client.hgetall(KEYS.dead_raw) == {
+            f"{named}#1".encode(): garbage,
+            f"{named}#2".encode(): garbage,
+        }
+        assert redis_client.zcard(KEYS.dead_index) == redis_client.zcard(KEYS.dead_ids) == 2
+
+    # Issue 8, "Why": a malformed message carrying a real task's id replaced that task's record.
+    def test_a_malformed_message_carrying_a_real_tasks_id_keeps_that_tasks_record(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        malformed = b'{"task_id": "t1", "messages": 5}'
+        inflight = garbage_in_flight(redis_client, task(1), malformed)
+        real = scripts.dead_letter(inflight, task(1), "t1", b'{"reason": "exhausted"}', None, None)
+        bad = scripts.dead_letter(
+            inflight, malformed, "t1", b'{"reason": "invalid"}', malformed, None
+        )
+        assert (real, bad) == ("t1#1", "t1#2")
+        assert redis_client.hgetall(KEYS.dead) == {
+            b"t1#1": b'{"reason": "exhausted"}',
+            b"t1#2": b'{"reason": "invalid"}',
+        }
+        assert redis_client.hgetall(KEYS.dead_raw) == {b"t1#2": malformed}
+
+    def test_a_record_is_never_written_over_even_after_the_counter_was_lost(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        add_dead(redis_client, "t1#1", 1, b"kept")
+        add_dead(redis_client, "t1#2", 2, None)
+        before = dead_keys(redis_client)
+        inflight = garbage_in_flight(redis_client, task(1))
+        assert redis_client.exists(KEYS.dead_seq) == 0
+        assert scripts.dead_letter(inflight, task(1), "t1", b"{}", None, None) == "t1#3"
+        after = dead_keys(redis_client)
+        assert after[KEYS.dead.encode()][b"t1#1"] == before[KEYS.dead.encode()][b"t1#1"]
+        assert after[KEYS.dead_raw.encode()] == {b"t1#1": b"kept"}
 
     # Was a package bug: Scripts.dead_letter always builds KeySpace.result(task_id), even
     # when there is no result to store, and task_id_of returns any string task_id it finds. A
@@ -525,77 +792,113 @@ class TestDeadLetter:
     # raise InvalidTaskError: the worker cannot dead-letter it and it stays in flight, then is
     # released or recovered and taken again, forever (DESIGN invariant 5).
     @pytest.mark.parametrize(
-        "task_id", ["a b", "{other}", "x" * 201], ids=["space", "braces", "too-long"]
+        "task_id",
+        ["a b", "{other}", "x" * 201, "t1#2"],
+        ids=["space", "braces", "too-long", "hash"],
     )
-    def test_a_task_whose_id_is_unfit_for_a_key_can_still_be_dead_lettered(
+    def test_a_task_whose_id_is_unfit_for_a_key_is_dead_lettered_under_its_sha1(
         self, scripts: Scripts, redis_client: redis.Redis[bytes], task_id: str
     ) -> None:
         stored = json.dumps({"task_id": task_id}).encode()
-        inflight = KEYS.inflight("w1")
-        redis_client.lpush(inflight, stored)
-        named = task_id_of(stored)
-        assert scripts.dead_letter(inflight, stored, named, b"{}", None) is True
-        assert redis_client.hkeys(KEYS.dead) == [named.encode()]
+        inflight = garbage_in_flight(redis_client, stored)
+        named = "raw-" + hashlib.sha1(stored, usedforsecurity=False).hexdigest()
+        assert scripts.dead_letter(inflight, stored, task_id, b"{}", stored, None) == f"{named}#1"
+        assert redis_client.hkeys(KEYS.dead) == [f"{named}#1".encode()]
+
+    # Issue 8, "Why" (every Lua script bounded): the old scripts parsed and base64-encoded
+    # bodies in Lua; dead-lettering copies them, so twenty 1 MB tasks cost milliseconds.
+    def test_dead_lettering_twenty_one_megabyte_tasks_takes_milliseconds_each(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        bodies = [b"%02d" % n + b"\xff" * 1_048_574 for n in range(20)]
+        inflight = garbage_in_flight(redis_client, *bodies)
+        with slowlog_of_every_call(redis_client) as durations:
+            for body in bodies:
+                assert scripts.dead_letter(inflight, body, task_id_of(body), b"{}", body, None)
+        assert len(durations) == 20
+        print(f"dead_letter of 1 MB: max {max(durations)} us, total {sum(durations)} us")
+        assert max(durations) < SCRIPT_BUDGET_US
+        assert redis_client.hlen(KEYS.dead_raw) == 20
 
 
 class TestTrimDead:
-    """trim_dead evicts records past the TTL, then the oldest beyond the length bound."""
+    """trim_dead evicts records past the TTL, then the oldest beyond the length bound,
+    one batch per call, from every structure."""
 
-    def add_records(self, client: redis.Redis[bytes], ages_ms: dict[str, int]) -> None:
-        """Dead letters that failed ``age`` ms ago (simulated through their index score)."""
+    def records(self, client: redis.Redis[bytes], ages_ms: dict[str, int]) -> None:
         now = redis_ms(client)
-        client.zadd(KEYS.dead_index, {task_id: now - age for task_id, age in ages_ms.items()})
-        client.hset(KEYS.dead, mapping=dict.fromkeys(ages_ms, b"record"))
+        for record_id, age in ages_ms.items():
+            add_dead(client, record_id, now - age, b"raw " + record_id.encode())
+        client.set(KEYS.dead_seq, len(ages_ms))
 
-    def kept(self, client: redis.Redis[bytes]) -> tuple[list[bytes], set[bytes]]:
-        return client.zrange(KEYS.dead_index, 0, -1), set(client.hkeys(KEYS.dead))
+    def kept(self, client: redis.Redis[bytes]) -> list[bytes]:
+        """The index, checked to agree with the hash, the ids and the raw bytes."""
+        index = client.zrange(KEYS.dead_index, 0, -1)
+        assert set(client.hkeys(KEYS.dead)) == set(index)
+        assert set(client.zrange(KEYS.dead_ids, 0, -1)) == set(index)
+        assert set(client.hkeys(KEYS.dead_raw)) == set(index)
+        return index
 
     def test_records_older_than_the_ttl_are_evicted_oldest_first(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        day = 86_400
-        self.add_records(
-            redis_client,
-            {
-                "fresh": 0,
-                "older": day * 1000 + 60_000,
-                "oldest": 2 * day * 1000,
-                "recent": 3_600_000,
-            },
-        )
-        assert scripts.trim_dead(max_length=100, ttl=day) == ["oldest", "older"]
-        assert self.kept(redis_client) == ([b"recent", b"fresh"], {b"recent", b"fresh"})
+        day = 24 * 3600
+        day_ms = day * 1000
+        ages = {"fresh#4": 0, "older#2": 2 * day_ms, "oldest#1": 3 * day_ms, "recent#3": 1000}
+        self.records(redis_client, ages)
+        assert scripts.trim_dead(max_length=100, ttl=day) == ["oldest#1", "older#2"]
+        assert self.kept(redis_client) == [b"recent#3", b"fresh#4"]
 
     def test_the_oldest_records_beyond_the_length_bound_are_evicted(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        self.add_records(redis_client, {f"r{i}": 5_000 - i * 1_000 for i in range(5)})
-        assert scripts.trim_dead(max_length=3, ttl=3600) == ["r0", "r1"]
-        assert self.kept(redis_client) == ([b"r2", b"r3", b"r4"], {b"r2", b"r3", b"r4"})
+        self.records(redis_client, {f"r#{i}": (5 - i) * 1000 for i in range(5)})
+        assert scripts.trim_dead(max_length=3, ttl=3600) == ["r#0", "r#1"]
+        assert self.kept(redis_client) == [b"r#2", b"r#3", b"r#4"]
 
     def test_expired_records_count_towards_the_excess_only_once(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        hour_ms = 3_600_000
-        ages = {
-            "x0": 3 * hour_ms,
-            "x1": 2 * hour_ms,
-            "f0": 4_000,
-            "f1": 3_000,
-            "f2": 2_000,
-            "f3": 1_000,
-        }
-        self.add_records(redis_client, ages)
-        assert scripts.trim_dead(max_length=3, ttl=3600) == ["x0", "x1", "f0"]
-        assert self.kept(redis_client)[0] == [b"f1", b"f2", b"f3"]
+        hour_ms = 3600 * 1000
+        ages = {"x#0": 5 * hour_ms, "x#1": 4 * hour_ms}
+        ages |= {f"f#{i}": (5 - i) * 1000 for i in range(5)}
+        self.records(redis_client, ages)
+        assert scripts.trim_dead(max_length=3, ttl=3600) == ["x#0", "x#1", "f#0", "f#1"]
+        assert self.kept(redis_client) == [b"f#2", b"f#3", b"f#4"]
+
+    def test_one_call_evicts_at_most_one_batch_and_the_next_call_goes_on(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        hour_ms = 3600 * 1000
+        self.records(redis_client, {f"x#{i}": (10 - i) * hour_ms for i in range(5)})
+        assert scripts.trim_dead(max_length=100, ttl=60, batch=2) == ["x#0", "x#1"]
+        assert scripts.trim_dead(max_length=100, ttl=60, batch=2) == ["x#2", "x#3"]
+        assert len(self.kept(redis_client)) == 1
+
+    def test_the_length_bound_is_kept_one_batch_per_call(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        self.records(redis_client, {f"r#{i}": (9 - i) * 1000 for i in range(9)})
+        hour_ms = 3600 * 1000
+        add_dead(redis_client, "x#9", redis_ms(redis_client) - 2 * hour_ms, None)
+        assert scripts.trim_dead(max_length=4, ttl=3600, batch=3) == ["x#9", "r#0", "r#1"]
+        assert scripts.trim_dead(max_length=4, ttl=3600, batch=3) == ["r#2", "r#3", "r#4"]
+        assert self.kept(redis_client) == [b"r#5", b"r#6", b"r#7", b"r#8"]
 
     def test_nothing_is_evicted_within_both_bounds(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        self.add_records(redis_client, {"a": 2_000, "b": 1_000})
+        self.records(redis_client, {"a#1": 2000, "b#2": 1000})
         before = snapshot(redis_client)
         assert scripts.trim_dead(max_length=2, ttl=3600) == []
         assert snapshot(redis_client) == before
+
+    def test_evicting_the_last_record_leaves_no_key_behind(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        self.records(redis_client, {"a#1": 10_000, "b#2": 20_000})
+        assert scripts.trim_dead(max_length=0, ttl=3600) == ["b#2", "a#1"]
+        assert redis_client.keys("*") == []
 
     def test_an_empty_dead_letter_store_is_left_alone(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
@@ -903,83 +1206,203 @@ class TestRelease:
 
 
 class TestDlqRetry:
-    """dlq_retry requeues a dead letter only if it is still as the caller read it."""
+    """dlq_retry requeues a dead letter's task only if its record is still as the caller read
+    it, removing that record only; a task that parses is marked accepted, as enqueue does."""
 
-    RECORD = b'{"task_id": "t1", "reason": "exhausted"}'
+    RECORD = b'{"record": "t1#1"}'
+    LIMITS = (10, 600)
+    MARKER = ("t1", "token-1")
 
-    def dead_letter(self, client: redis.Redis[bytes]) -> None:
-        client.hset(KEYS.dead, "t1", self.RECORD)
-        client.zadd(KEYS.dead_index, {"t1": 1})
-
-    def test_an_unchanged_record_is_removed_and_its_task_queued_last(
+    def test_an_unchanged_record_is_removed_and_its_task_queued_last_and_marked(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        self.dead_letter(redis_client)
-        redis_client.hset(KEYS.dead, "t2", b"other")
-        redis_client.zadd(KEYS.dead_index, {"t2": 2})
-        push(scripts, [task("waiting")], max_length=10)
-        assert scripts.dlq_retry("t1", self.RECORD, task(1), max_length=10) == 1
-        assert take_all(scripts) == [task("waiting"), task(1)]
-        assert redis_client.hkeys(KEYS.dead) == [b"t2"]
-        assert redis_client.zrange(KEYS.dead_index, 0, -1) == [b"t2"]
+        add_dead(redis_client, "t1#1", 1, b"raw t1")
+        add_dead(redis_client, "t1#2", 2, None)
+        add_dead(redis_client, "t2#3", 3, None)
+        redis_client.set(KEYS.dead_seq, 3)
+        redis_client.lpush(KEYS.pending, task("waiting"))
+        assert scripts.dlq_retry("t1#1", self.RECORD, task(1), self.LIMITS, self.MARKER) == 1
+        # Pushed at the far end (left) of the list that workers take from on the right.
+        assert redis_client.lrange(KEYS.pending, 0, -1) == [task(1), task("waiting")]
+        assert redis_client.hkeys(KEYS.dead) == [b"t1#2", b"t2#3"]
+        assert redis_client.zrange(KEYS.dead_index, 0, -1) == [b"t1#2", b"t2#3"]
+        assert redis_client.zrange(KEYS.dead_ids, 0, -1) == [b"t1#2", b"t2#3"]
+        assert redis_client.exists(KEYS.dead_raw) == 0
+        assert redis_client.get(KEYS.accepted("t1")) == b"token-1"
+        assert 590 < redis_client.ttl(KEYS.accepted("t1")) <= 600
+
+    def test_the_same_call_repeated_after_a_lost_reply_is_a_no_op_that_reports_success(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        add_dead(redis_client, "t1#1", 1, None)
+        assert scripts.dlq_retry("t1#1", self.RECORD, task(1), self.LIMITS, self.MARKER) == 1
+        after = snapshot(redis_client)
+        assert scripts.dlq_retry("t1#1", self.RECORD, task(1), self.LIMITS, self.MARKER) == 1
+        assert snapshot(redis_client) == after
+        assert redis_client.lrange(KEYS.pending, 0, -1) == [task(1)]
+
+    def test_a_task_id_live_again_is_refused_and_nothing_is_written(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        add_dead(redis_client, "t1#1", 1, None)
+        redis_client.set(KEYS.accepted("t1"), b"someone else's enqueue")
+        before = snapshot(redis_client)
+        assert scripts.dlq_retry("t1#1", self.RECORD, task(1), self.LIMITS, self.MARKER) == -2
+        assert snapshot(redis_client) == before
+
+    def test_raw_bytes_go_back_verbatim_without_a_marker(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        add_dead(redis_client, "raw-x#1", 1, b"\xff garbage")
+        redis_client.set(KEYS.dead_seq, 1)
+        assert (
+            scripts.dlq_retry(
+                "raw-x#1", b'{"record": "raw-x#1"}', b"\xff garbage", self.LIMITS, None
+            )
+            == 1
+        )
+        assert redis_client.keys("*") == [KEYS.pending.encode()]
+        assert redis_client.lrange(KEYS.pending, 0, -1) == [b"\xff garbage"]
 
     def test_a_record_changed_since_it_was_read_is_left_alone(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        self.dead_letter(redis_client)
+        add_dead(redis_client, "t1#1", 1, None)
         before = snapshot(redis_client)
-        assert scripts.dlq_retry("t1", b'{"an": "older read"}', task(1), max_length=10) == 0
+        assert scripts.dlq_retry("t1#1", b"an older read", task(1), self.LIMITS, self.MARKER) == 0
         assert snapshot(redis_client) == before
 
     def test_a_record_that_is_gone_is_not_requeued(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        assert scripts.dlq_retry("t1", self.RECORD, task(1), max_length=10) == 0
+        assert scripts.dlq_retry("t1#1", self.RECORD, task(1), self.LIMITS, self.MARKER) == 0
+        assert scripts.dlq_retry("t1#1", self.RECORD, task(1), self.LIMITS, None) == 0
         assert redis_client.keys("*") == []
 
     def test_a_full_queue_refuses_and_the_record_is_kept(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        self.dead_letter(redis_client)
+        add_dead(redis_client, "t1#1", 1, None)
         fill_pending(redis_client, 2)
         before = snapshot(redis_client)
-        assert scripts.dlq_retry("t1", self.RECORD, task(1), max_length=2) == -1
+        assert scripts.dlq_retry("t1#1", self.RECORD, task(1), (2, 600), self.MARKER) == -1
         assert snapshot(redis_client) == before
 
     def test_the_last_free_place_can_be_taken(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        self.dead_letter(redis_client)
+        add_dead(redis_client, "t1#1", 1, None)
         fill_pending(redis_client, 1)
-        assert scripts.dlq_retry("t1", self.RECORD, task(1), max_length=2) == 1
+        assert scripts.dlq_retry("t1#1", self.RECORD, task(1), (2, 600), self.MARKER) == 1
         assert redis_client.llen(KEYS.pending) == 2
+
+    def test_a_one_megabyte_task_goes_back_in_milliseconds(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        body = b"\xff" * 1_048_576
+        add_dead(redis_client, "raw-x#1", 1, body)
+        with slowlog_of_every_call(redis_client) as durations:
+            assert scripts.dlq_retry("raw-x#1", b'{"record": "raw-x#1"}', body, self.LIMITS, None)
+        print(f"dlq_retry of 1 MB: {durations} us")
+        assert durations
+        assert max(durations) < SCRIPT_BUDGET_US
 
 
 class TestDlqDelete:
-    """dlq_delete removes a record from both the hash and the index."""
+    """dlq_delete removes one record from the hash, the index, the ids and the raw bytes."""
 
-    def test_an_existing_record_is_deleted_from_hash_and_index(
+    def test_an_existing_record_is_deleted_everywhere_and_its_siblings_stay(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        redis_client.hset(KEYS.dead, mapping={"t1": b"a", "t2": b"b"})
-        redis_client.zadd(KEYS.dead_index, {"t1": 1, "t2": 2})
-        assert scripts.dlq_delete("t1") is True
-        assert redis_client.hkeys(KEYS.dead) == [b"t2"]
-        assert redis_client.zrange(KEYS.dead_index, 0, -1) == [b"t2"]
+        add_dead(redis_client, "t1#1", 1, b"raw 1")
+        add_dead(redis_client, "t1#2", 2, b"raw 2")
+        assert scripts.dlq_delete("t1#1") is True
+        assert redis_client.hgetall(KEYS.dead_raw) == {b"t1#2": b"raw 2"}
+        assert redis_client.hkeys(KEYS.dead) == [b"t1#2"]
+        assert redis_client.zrange(KEYS.dead_index, 0, -1) == [b"t1#2"]
+        assert redis_client.zrange(KEYS.dead_ids, 0, -1) == [b"t1#2"]
 
     def test_an_unknown_record_reports_false(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        redis_client.hset(KEYS.dead, "t2", b"b")
-        assert scripts.dlq_delete("t1") is False
-        assert redis_client.hkeys(KEYS.dead) == [b"t2"]
+        add_dead(redis_client, "t2#1", 1, None)
+        before = snapshot(redis_client)
+        assert scripts.dlq_delete("t1#1") is False
+        assert snapshot(redis_client) == before
 
     def test_an_orphan_index_entry_is_cleaned_up_too(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        redis_client.zadd(KEYS.dead_index, {"t1": 1})
-        assert scripts.dlq_delete("t1") is False
-        assert redis_client.exists(KEYS.dead_index) == 0
+        redis_client.zadd(KEYS.dead_index, {"t1#1": 1})
+        redis_client.zadd(KEYS.dead_ids, {"t1#1": 0})
+        assert scripts.dlq_delete("t1#1") is False
+        assert redis_client.keys("*") == []
+
+    def test_deleting_the_last_record_leaves_no_key_behind(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        add_dead(redis_client, "t1#1", 1, b"raw")
+        redis_client.set(KEYS.dead_seq, 1)
+        assert scripts.dlq_delete("t1#1") is True
+        assert redis_client.keys("*") == []
+
+
+class TestDlqPurge:
+    """dlq_purge deletes the dead letters one batch per call, until no key is left."""
+
+    def test_records_go_one_batch_per_call_and_the_last_call_leaves_no_key(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        for n in range(5):
+            add_dead(redis_client, f"t{n}#{n}", n, b"raw" if n % 2 else None)
+        redis_client.set(KEYS.dead_seq, 5)
+        redis_client.lpush(KEYS.pending, task("kept"))
+        calls = []
+        while not calls or not calls[-1][1]:
+            calls.append(scripts.dlq_purge(batch=2))
+        assert calls == [(2, False), (2, False), (1, False), (0, True)]
+        assert redis_client.keys("*") == [KEYS.pending.encode()]
+
+    def test_entries_outside_the_index_are_deleted_too(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        redis_client.zadd(KEYS.dead_ids, {"a#1": 0})
+        redis_client.hset(KEYS.dead, mapping={"a#1": b"r", "b#2": b"stray"})
+        redis_client.hset(KEYS.dead_raw, "c#3", b"stray")
+        assert scripts.dlq_purge(batch=10) == (1, False)
+        assert scripts.dlq_purge(batch=10) == (1, True)
+        assert redis_client.keys("*") == []
+
+    def test_purging_nothing_returns_zero_and_done(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        assert scripts.dlq_purge() == (0, True)
+        assert redis_client.keys("*") == []
+
+
+class TestDeadLetterPrelude:
+    """lib_dead_letter.lua is a prelude only: it defines functions and touches nothing."""
+
+    def test_the_prelude_alone_writes_nothing(self, redis_client: redis.Redis[bytes]) -> None:
+        source = dead_letter_prelude()
+        assert redis_client.eval(source + "\nreturn 1", 0) == 1
+        assert redis_client.keys("*") == []
+
+    def test_add_dead_letter_numbers_records_of_every_task_from_one_counter(
+        self, redis_client: redis.Redis[bytes]
+    ) -> None:
+        script = dead_letter_prelude() + (
+            "\nlocal K = dead_keys(1)"
+            "\nreturn {add_dead_letter(K, ARGV[1], '{}', false, 5),"
+            " add_dead_letter(K, ARGV[2], '{}', ARGV[3], 6)}"
+        )
+        keys = [KEYS.dead, KEYS.dead_index, KEYS.dead_ids, KEYS.dead_raw, KEYS.dead_seq]
+        assert redis_client.eval(script, 5, *keys, "t1", "t2", b"raw") == [b"t1#1", b"t2#2"]
+        assert redis_client.zrange(KEYS.dead_index, 0, -1, withscores=True) == [
+            (b"t1#1", 5.0),
+            (b"t2#2", 6.0),
+        ]
+        assert redis_client.hgetall(KEYS.dead_raw) == {b"t2#2": b"raw"}
 
 
 class TestPublishResult:
@@ -1000,39 +1423,6 @@ class TestPublishResult:
     ) -> None:
         assert scripts.publish_result("t1", result_json(1), CHANNEL, TTL) == 0
         assert redis_client.get(KEYS.result("t1")) == result_json(1)
-
-
-class TestPurge:
-    """purge deletes a list or hash, with its companions, and says how much it held."""
-
-    def test_purging_the_pending_list_counts_its_tasks(
-        self, scripts: Scripts, redis_client: redis.Redis[bytes]
-    ) -> None:
-        fill_pending(redis_client, 4)
-        redis_client.zadd(KEYS.scheduled, {b"kept": 1})
-        assert scripts.purge(KEYS.pending) == 4
-        assert redis_client.keys("*") == [KEYS.scheduled.encode()]
-
-    def test_purging_the_dead_letters_counts_records_and_drops_the_index(
-        self, scripts: Scripts, redis_client: redis.Redis[bytes]
-    ) -> None:
-        redis_client.hset(KEYS.dead, mapping={"t1": b"a", "t2": b"b", "t3": b"c"})
-        redis_client.zadd(KEYS.dead_index, {"t1": 1, "t2": 2, "t3": 3})
-        assert scripts.purge(KEYS.dead, KEYS.dead_index) == 3
-        assert redis_client.keys("*") == []
-
-    def test_purging_nothing_returns_zero(
-        self, scripts: Scripts, redis_client: redis.Redis[bytes]
-    ) -> None:
-        assert scripts.purge(KEYS.dead, KEYS.dead_index) == 0
-        assert redis_client.keys("*") == []
-
-    def test_a_key_of_another_type_counts_as_zero_but_is_deleted(
-        self, scripts: Scripts, redis_client: redis.Redis[bytes]
-    ) -> None:
-        redis_client.set(KEYS.pending, b"not a list")
-        assert scripts.purge(KEYS.pending) == 0
-        assert redis_client.exists(KEYS.pending) == 0
 
 
 # --- the same scripts on fakeredis ------------------------------------------------------------

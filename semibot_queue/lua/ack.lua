@@ -1,21 +1,32 @@
--- ack: finish tasks (out of the in-flight list, result stored and published), then take
--- up to N pending tasks into the same in-flight list for the slots the finished ones free.
--- Finishing and taking in one round trip is what lets a busy worker run at one round
--- trip per task. A task no longer in the list (recovered after this worker was thought
--- dead) records nothing, so that its redelivery is the only one that does.
+-- ack: finish tasks (out of the in-flight list, result stored and published, their
+-- idempotency marker and delivery counts dropped), then take up to N pending tasks into
+-- the same in-flight list for the slots the finished ones free. Finishing and taking in
+-- one round trip is what lets a busy worker run at one round trip per task. A task no
+-- longer in the list (recovered after this worker was thought dead) records nothing, so
+-- that its redelivery is the only one that does. (Prelude: lib_task_id.)
 -- KEYS[1]     the worker's in-flight list
 -- KEYS[2]     pending list
--- KEYS[3..]   one result key per finished task
+-- KEYS[3]     crashes hash
+-- KEYS[4]     releases hash
+-- KEYS[5..]   per finished task, two keys: its result key, its idempotency marker
 -- ARGV[1]     RESULT_TTL in seconds
 -- ARGV[2]     N, how many tasks to take (0 when the worker is stopping)
--- ARGV[3..]   per finished task, three values: stored task, result JSON, result channel
--- Returns {{1 recorded or 0 already gone, per finished task}, {taken tasks, oldest first}}.
+-- ARGV[3]     MAX_NAME_LENGTH
+-- ARGV[4..]   per finished task, four values: stored task, result JSON, channel, task id
+-- Returns {{1 recorded or 0 already gone, per finished task}, {taken tasks, oldest
+-- first}, {earlier lost or given-back deliveries of each taken task}}.
 local ttl = tonumber(ARGV[1])
 local flags = {}
-for i = 3, #KEYS do
-  local base = 3 + (i - 3) * 3
+local counted = redis.call('EXISTS', KEYS[3], KEYS[4]) > 0
+for i = 0, (#KEYS - 4) / 2 - 1 do
+  local base = 4 + i * 4
   if redis.call('LREM', KEYS[1], 1, ARGV[base]) == 1 then
-    redis.call('SET', KEYS[i], ARGV[base + 1], 'EX', ttl)
+    redis.call('SET', KEYS[5 + i * 2], ARGV[base + 1], 'EX', ttl)
+    redis.call('DEL', KEYS[6 + i * 2])
+    if counted then
+      redis.call('HDEL', KEYS[3], ARGV[base + 3])
+      redis.call('HDEL', KEYS[4], ARGV[base + 3])
+    end
     redis.call('PUBLISH', ARGV[base + 2], ARGV[base + 1])
     flags[#flags + 1] = 1
   else
@@ -30,4 +41,4 @@ for _ = 1, tonumber(ARGV[2]) do
   end
   taken[#taken + 1] = task
 end
-return {flags, taken}
+return {flags, taken, counts_of(KEYS[3], KEYS[4], taken, tonumber(ARGV[3]))}

@@ -1,24 +1,43 @@
--- dead_letter: move an in-flight task to the dead-letter store and record its failure.
--- KEYS[1]  the worker's in-flight list
--- KEYS[2]  dead-letter hash (task id -> record)
--- KEYS[3]  dead-letter index sorted set (score: failure time in ms)
--- KEYS[4]  the task's result key
--- ARGV[1]  the task as taken
--- ARGV[2]  task id
--- ARGV[3]  dead-letter record JSON
--- ARGV[4]  failed result JSON, or '' for a task with no session to tell
--- ARGV[5]  RESULT_TTL in seconds
--- ARGV[6]  result channel
--- Returns 1, or 0 when the task was no longer in flight (nothing written).
+-- dead_letter: the final outcome of a task that cannot succeed: out of the worker's
+-- in-flight list into a dead-letter record of its own, its failed result stored and
+-- published, and its delivery counts and idempotency marker dropped. (Prelude:
+-- lib_dead_letter.) Moves one body: O(its size), never parsed here.
+-- KEYS[1]   the worker's in-flight list
+-- KEYS[2]   dead-letter hash
+-- KEYS[3]   dead-letter index
+-- KEYS[4]   dead-letter ids (lex)
+-- KEYS[5]   dead-letter raw bytes
+-- KEYS[6]   dead-letter sequence
+-- KEYS[7]   crashes hash
+-- KEYS[8]   releases hash
+-- KEYS[9]   the task's idempotency marker
+-- KEYS[10]  the task's result key (written only when ARGV[6] is not empty)
+-- ARGV[1]   the task as taken
+-- ARGV[2]   task id
+-- ARGV[3]   dead-letter record JSON
+-- ARGV[4]   raw bytes to keep verbatim (a body that could not be parsed), if ARGV[5] is '1'
+-- ARGV[5]   '1' to keep ARGV[4], '2' to keep ARGV[1] itself (sent once), '0' to keep none
+-- ARGV[6]   failed result JSON, or '' for a task with no session to tell
+-- ARGV[7]   RESULT_TTL in seconds
+-- ARGV[8]   result channel
+-- Returns the new record id, or nil when the task was no longer in flight (nothing written).
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then
-  return 0
+  return false
 end
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-redis.call('ZADD', KEYS[3], now_ms, ARGV[2])
-if ARGV[4] ~= '' then
-  redis.call('SET', KEYS[4], ARGV[4], 'EX', tonumber(ARGV[5]))
-  redis.call('PUBLISH', ARGV[6], ARGV[4])
+local raw = false
+if ARGV[5] == '1' then
+  raw = ARGV[4]
+elseif ARGV[5] == '2' then
+  raw = ARGV[1]
 end
-return 1
+local id = add_dead_letter(dead_keys(2), ARGV[2], ARGV[3], raw, now_ms)
+if ARGV[6] ~= '' then
+  redis.call('SET', KEYS[10], ARGV[6], 'EX', tonumber(ARGV[7]))
+  redis.call('PUBLISH', ARGV[8], ARGV[6])
+end
+redis.call('HDEL', KEYS[7], ARGV[2])
+redis.call('HDEL', KEYS[8], ARGV[2])
+redis.call('DEL', KEYS[9])
+return id

@@ -1,19 +1,45 @@
--- dlq_retry: put a dead-lettered task back on the pending list, if it still is as read.
+-- dlq_retry: put a dead letter's task back on the pending list, if its record still is as
+-- the caller read it, and remove that record (only that one). A task that parses is
+-- marked accepted, as enqueue marks it, and is refused while another copy of its id is
+-- live. (Prelude: lib_dead_letter.)
 -- KEYS[1]  dead-letter hash
--- KEYS[2]  dead-letter index sorted set
--- KEYS[3]  pending list
--- ARGV[1]  task id
--- ARGV[2]  the record as the caller read it (compare-and-set: no lost updates)
--- ARGV[3]  the task to push, with its retry count reset
+-- KEYS[2]  dead-letter index
+-- KEYS[3]  dead-letter ids (lex)
+-- KEYS[4]  dead-letter raw bytes
+-- KEYS[5]  dead-letter sequence
+-- KEYS[6]  pending list
+-- KEYS[7]  the task's idempotency marker (used only when ARGV[6] is '1')
+-- ARGV[1]  record id
+-- ARGV[2]  the record JSON as the caller read it (compare-and-set: no lost updates)
+-- ARGV[3]  the task to push: plain JSON with its counts reset, or the raw bytes kept
 -- ARGV[4]  MAX_QUEUE_LENGTH
--- Returns 1 moved, 0 record gone or changed, -1 pending list full (record kept).
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
+-- ARGV[5]  IDEMPOTENCY_TTL in seconds
+-- ARGV[6]  '1' to check and set the marker (a task that parses), '0' for raw bytes
+-- ARGV[7]  this call's token, the marker's value: a repeat of the same call is a no-op
+-- Returns 1 moved (or moved by this same call before), 0 record gone or changed,
+-- -1 pending list full, -2 the task id is live again (both: nothing written).
+local K = dead_keys(1)
+local mark = ARGV[6] == '1'
+local current = redis.call('HGET', K.dead, ARGV[1])
+if current ~= ARGV[2] then
+  if mark and not current and redis.call('GET', KEYS[7]) == ARGV[7] then
+    return 1
+  end
   return 0
 end
-if redis.call('LLEN', KEYS[3]) + 1 > tonumber(ARGV[4]) then
+if mark then
+  local holder = redis.call('GET', KEYS[7])
+  if holder and holder ~= ARGV[7] then
+    return -2
+  end
+end
+if redis.call('LLEN', KEYS[6]) + 1 > tonumber(ARGV[4]) then
   return -1
 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('LPUSH', KEYS[3], ARGV[3])
+remove_dead_letter(K, ARGV[1])
+forget_if_empty(K)
+if mark then
+  redis.call('SET', KEYS[7], ARGV[7], 'EX', tonumber(ARGV[5]))
+end
+redis.call('LPUSH', KEYS[6], ARGV[3])
 return 1

@@ -1,12 +1,14 @@
 -- release: a stopping worker gives back the tasks it cannot finish, then deregisters.
--- Released tasks go to the taking end of the pending list with the header '~CrR~' (see
--- recover.lua), R counting deliveries given back: they show in delivery_count, but
--- unlike deliveries lost to dead workers they never make a task poison.
+-- Released tasks go to the taking end of the pending list, unchanged; the releases hash
+-- counts them per task id: they show in delivery_count, but unlike deliveries lost to
+-- dead workers they never make a task poison. (Prelude: lib_task_id.)
 -- KEYS[1]  workers sorted set
 -- KEYS[2]  the worker's in-flight list
 -- KEYS[3]  pending list
+-- KEYS[4]  releases hash
 -- ARGV[1]  worker id
 -- ARGV[2]  MAX_QUEUE_LENGTH (what does not fit stays; recovery moves it later)
+-- ARGV[3]  MAX_NAME_LENGTH
 -- Returns the number of tasks left in flight (0 when the worker is deregistered).
 local room = tonumber(ARGV[2]) - redis.call('LLEN', KEYS[3])
 while room > 0 do
@@ -14,10 +16,8 @@ while room > 0 do
   if not task then
     break
   end
-  local crashes, released, body = string.match(task, '^~(%d+)r?(%d*)~(.*)$')
-  crashes = tonumber(crashes) or 0
-  released = (tonumber(released) or 0) + 1
-  redis.call('RPUSH', KEYS[3], '~' .. crashes .. 'r' .. released .. '~' .. (body or task))
+  redis.call('HINCRBY', KEYS[4], key_of(task, tonumber(ARGV[3])), 1)
+  redis.call('RPUSH', KEYS[3], task)
   room = room - 1
 end
 local left = redis.call('LLEN', KEYS[2])

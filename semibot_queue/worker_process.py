@@ -11,13 +11,19 @@ from typing import Any
 from prometheus_client import REGISTRY, start_http_server
 
 from semibot_queue.consumer import TaskConsumer
-from semibot_queue.errors import QueueConnectionError
+from semibot_queue.errors import QueueConfigurationError, QueueConnectionError, QueueError
 from semibot_queue.settings import QueueSettings
 
 log = logging.getLogger("semibot_queue.worker")
 
 #: Exit status of a worker that lost Redis for good, so a supervisor restarts it.
 EXIT_UNREACHABLE = 3
+
+#: Exit status of a worker that cannot go on for another reason (its tasks are recovered).
+EXIT_FAILED = 1
+
+#: Exit status of a worker refused by Redis: wrong password, ACL, certificate.
+EXIT_CONFIGURATION = 9
 
 
 def run_worker(
@@ -44,14 +50,20 @@ def run_worker(
     status = 0
     try:
         consumer.start()
+    except QueueConfigurationError as exc:
+        log.error("queue %s: worker refused by Redis: %s", consumer.keys.queue, exc)
+        status = EXIT_CONFIGURATION
     except QueueConnectionError as exc:
         log.error("queue %s: worker giving up: %s", consumer.keys.queue, exc)
         status = EXIT_UNREACHABLE
+    except QueueError as exc:
+        log.error("queue %s: worker cannot go on: %s", consumer.keys.queue, exc)
+        status = EXIT_FAILED
     finally:
         if server is not None:
             server.shutdown()
         consumer.disconnect()
-    if consumer.unfinished:  # pragma: no cover - os._exit skips coverage's exit hook
+    if consumer.unfinished or status == EXIT_FAILED:  # pragma: no cover - os._exit, no coverage
         # Their threads are still running handlers whose tasks were given back:
         # do not wait for them at interpreter exit. (Tested through a subprocess.)
         logging.shutdown()
