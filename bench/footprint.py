@@ -67,8 +67,8 @@ def measure(url: str, tasks: int) -> dict[str, Any]:
     after = int(client.info("memory")["used_memory"])
     kinds: collections.Counter[str] = collections.Counter()
     for key in client.scan_iter(count=1000):
-        name = key.decode()
-        kinds[name.split(":")[2] if name.startswith("{") and name.count(":") >= 2 else name] += 1
+        tag, _, rest = key.decode().partition("}:")
+        kinds[rest.split(":")[0] if rest else tag] += 1
     client.close()
     return {
         "tasks": tasks,
@@ -85,9 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tasks < 1:
         parser.error("--tasks must be at least 1")
-    with tempfile.TemporaryDirectory(prefix="semibot-footprint-") as workdir:
-        with RedisServer(Path(workdir)) as server:
-            figures = measure(server.url, args.tasks)
+    with (
+        tempfile.TemporaryDirectory(prefix="semibot-footprint-") as workdir,
+        RedisServer(Path(workdir)) as server,
+    ):
+        figures = measure(server.url, args.tasks)
     print(
         f"{figures['tasks']} finished tasks: used_memory grew {figures['used_memory_growth']}"
         f" bytes, {figures['bytes_per_task']:.0f} bytes per finished task"

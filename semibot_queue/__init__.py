@@ -12,12 +12,17 @@ from importlib.metadata import PackageNotFoundError, version
 from semibot_queue.consumer import TaskConsumer
 from semibot_queue.dead_letter import DeadLetterQueue
 from semibot_queue.errors import (
+    DuplicateTaskError,
     InvalidTaskError,
     PermanentTaskError,
+    QueueConfigurationError,
     QueueConnectionError,
     QueueError,
     QueueFullError,
+    QueueOutOfMemoryError,
+    RedisCommandError,
     SettingsError,
+    TaskTimeoutError,
 )
 from semibot_queue.models import DeadLetterRecord, TaskMessage, TaskPayload, TaskResult
 from semibot_queue.producer import TaskProducer
@@ -31,16 +36,21 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 __all__ = [
     "DeadLetterQueue",
     "DeadLetterRecord",
+    "DuplicateTaskError",
     "InvalidTaskError",
     "PermanentTaskError",
+    "QueueConfigurationError",
     "QueueConnectionError",
     "QueueError",
     "QueueFullError",
+    "QueueOutOfMemoryError",
     "QueueSettings",
+    "RedisCommandError",
     "SettingsError",
     "TaskConsumer",
     "TaskMessage",
     "TaskPayload",
     "TaskProducer",
     "TaskResult",
+    "TaskTimeoutError",
 ]

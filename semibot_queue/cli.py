@@ -137,10 +137,6 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return int(COMMANDS[args.command](args, stdout))
     except QueueError as exc:
         return _fail(args, exc, _status(exc))
-    except REDIS_ERRORS as exc:  # the library translates these; a slip still gets its status
-        error = translate(exc, args.command, url=_url(args))
-        error.__cause__ = exc  # for --debug's traceback
-        return _fail(args, error, _status(error))
 
 
 #: The exit status of each kind of error, most specific first; any other QueueError

@@ -275,7 +275,10 @@ class TaskConsumer:
                 self._stopping.clear()
                 self._finished.set()
                 log.info(
-                    "queue %s: worker %s stopped", self.keys.queue, self.worker_id, extra=self._extra()
+                    "queue %s: worker %s stopped",
+                    self.keys.queue,
+                    self.worker_id,
+                    extra=self._extra(),
                 )
 
     def stop(self, timeout: float | None = None) -> None:
@@ -324,7 +327,7 @@ class TaskConsumer:
     def _install_signal_handlers(self) -> dict[int, Any]:
         if not self._handle_signals or threading.current_thread() is not threading.main_thread():
             return {}
-        previous = {}
+        previous: dict[int, Any] = {}
         for signum in (signal.SIGTERM, signal.SIGINT):
             previous[signum] = signal.signal(signum, self._on_signal)
         return previous
@@ -403,7 +406,7 @@ class TaskConsumer:
         if self._pop_client is None:  # pragma: no cover - set by connect
             raise QueueError("consumer is not connected")
         pool = self._pop_client.connection_pool
-        connection = pool.get_connection()
+        connection: Any = pool.get_connection()  # redis-py leaves its methods untyped
         self._pop_connection = connection
         try:
             if self._stopping.is_set():
@@ -512,7 +515,9 @@ class TaskConsumer:
                 extra=self._extra(task_id),
             )
         try:
-            left = scripts.release(self.worker_id, self.settings.max_queue_length)
+            left = scripts.release(
+                self.worker_id, self.settings.max_queue_length, self.settings.max_payload_bytes
+            )
         except (*REDIS_ERRORS, QueueError) as exc:
             log.error(
                 "queue %s: worker %s could not deregister (%s); its tasks will be recovered",

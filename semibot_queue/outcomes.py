@@ -82,7 +82,9 @@ class Decider:
         except BaseException as exc:  # noqa: BLE001 - a pool thread must survive anything
             return self.unrunnable(delivery, exc)
 
-    def unrunnable(self, delivery: Delivery, exc: BaseException, reason: str = "invalid") -> Outcome:
+    def unrunnable(
+        self, delivery: Delivery, exc: BaseException, reason: str = "invalid"
+    ) -> Outcome:
         """A dead letter keeping the raw bytes, for a task nothing else could be made of."""
         record = DeadLetterRecord(
             task_id=task_id_of(delivery.stored),
@@ -137,7 +139,9 @@ class Decider:
         try:
             encoded = self.codec.encode_result(result)
         except BaseException as exc:  # noqa: BLE001 - whatever the value does while encoded
-            bad = PermanentTaskError(f"the handler's return value cannot be stored: {describe_error(exc)}")
+            bad = PermanentTaskError(
+                f"the handler's return value cannot be stored: {describe_error(exc)}"
+            )
             return self._failed(delivery, message, bad, started, permanent=True)
         self.metrics.duration.observe(duration)
         return Outcome(
@@ -175,7 +179,6 @@ class Decider:
             enqueued_at=message.enqueued_at,
             failed_at=finished,
             worker_id=self.worker_id,
-            message=self.codec.unstructure(message),
         )
         result = TaskResult(
             task_id=message.task_id,
@@ -193,6 +196,10 @@ class Decider:
             result=self.codec.encode_result(result),
             channel=self.keys.result_channel(message.session_id),
             record=self.codec.encode_record(record),
+            # The task is kept as it was taken, byte for byte: the dead-letter queue shows
+            # and replays it from these bytes (a copy inside the record JSON would cost
+            # Redis a JSON string three times the size).
+            raw=delivery.stored,
             summary=f"{reason} after {record.attempts} attempt(s)",
             error=error,
         )

@@ -17,9 +17,16 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
+import attrs
+
 from semibot_queue.connection import REDIS_ERRORS, Reconnector, is_transient, translate
 from semibot_queue.constants import MAX_ACK_BATCH
-from semibot_queue.errors import QueueConnectionError, QueueError, QueueOutOfMemoryError
+from semibot_queue.errors import (
+    QueueConfigurationError,
+    QueueConnectionError,
+    QueueError,
+    QueueOutOfMemoryError,
+)
 from semibot_queue.keys import KeySpace
 from semibot_queue.metrics import Metrics
 from semibot_queue.outcomes import Decider, Delivery, Outcome
@@ -68,43 +75,34 @@ class _Unrecorded(Exception):  # noqa: N818 - internal signal, never escapes thi
     """A write gave up (shutdown, or Redis lost): its tasks stay in flight."""
 
 
+@attrs.define(kw_only=True)
 class Recorder:
-    """Owns one named thread; ``start()`` starts it, ``stop()`` drains, stops and joins it."""
+    """Owns one named thread; ``start()`` starts it, ``stop()`` drains, stops and joins it.
 
-    def __init__(
-        self,
-        *,
-        scripts: Scripts,
-        keys: KeySpace,
-        settings: QueueSettings,
-        worker_id: str,
-        decider: Decider,
-        metrics: Metrics,
-        reconnect: Reconnector,
-        slots: Slots,
-        dispatch: Callable[[list[Delivery]], None],
-        stopping: threading.Event,
-        resync: threading.Event,
-        give_up: threading.Event,
-        fatal: Fatal,
-    ) -> None:
-        self._scripts = scripts
-        self._keys = keys
-        self._settings = settings
-        self._worker_id = worker_id
-        self._inflight = keys.inflight(worker_id)
-        self._decider = decider
-        self._metrics = metrics
-        self._reconnect = reconnect
-        self._slots = slots
-        self._dispatch = dispatch
-        self._stopping = stopping
-        self._resync = resync
-        self._give_up = give_up
-        self._fatal = fatal
-        self._queue: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._closed = threading.Event()
+    ``decider`` makes the dead letter of an outcome Redis refuses; ``dispatch`` hands taken
+    tasks to the pool; the events are the consumer's (see TaskConsumer).
+    """
+
+    scripts: Scripts
+    keys: KeySpace
+    settings: QueueSettings
+    worker_id: str
+    decider: Decider
+    metrics: Metrics
+    reconnect: Reconnector
+    slots: Slots
+    dispatch: Callable[[list[Delivery]], None]
+    stopping: threading.Event
+    resync: threading.Event
+    give_up: threading.Event
+    fatal: Fatal
+    _queue: queue.SimpleQueue[Outcome | None] = attrs.field(init=False, factory=queue.SimpleQueue)
+    _thread: threading.Thread | None = attrs.field(init=False, default=None)
+    _closed: threading.Event = attrs.field(init=False, factory=threading.Event)
+
+    @property
+    def _inflight(self) -> str:
+        return self.keys.inflight(self.worker_id)
 
     def submit(self, outcome: Outcome) -> None:
         """Queue ``outcome`` to be recorded; its slot stays held until then.
@@ -120,7 +118,7 @@ class Recorder:
     def start(self) -> None:
         """Start the thread."""
         self._thread = threading.Thread(
-            target=self._run, name=f"semibot-queue-recorder-{self._worker_id}", daemon=True
+            target=self._run, name=f"semibot-queue-recorder-{self.worker_id}", daemon=True
         )
         self._thread.start()
 
@@ -157,23 +155,23 @@ class Recorder:
                     self._queue.put(_STOP)  # seen again once this batch is recorded
                     break
                 batch.append(item)
-            if self._fatal.is_set():
+            if self.fatal.is_set():
                 continue  # nothing more is written: the tasks stay in flight for recovery
             try:
                 self._flush(batch)
             except _Unrecorded:
                 continue
             except BaseException as exc:
-                log.exception("queue %s: recording outcomes failed", self._keys.queue)
-                self._fatal.set(QueueError(f"recording outcomes failed: {exc!r}"))
+                log.exception("queue %s: recording outcomes failed", self.keys.queue)
+                self.fatal.set(QueueError(f"recording outcomes failed: {exc!r}"))
 
     def _flush(self, batch: list[Outcome]) -> None:
         successes = [o for o in batch if o.kind == "succeeded"]
         for outcome in batch:
             if outcome.kind != "succeeded":
                 self._record_failure(outcome)
-                self._slots.finish(outcome.delivery.stored)
-        take = 0 if self._stopping.is_set() else self._slots.reserve(freed=len(successes))
+                self.slots.finish(outcome.delivery.stored)
+        take = 0 if self.stopping.is_set() else self.slots.reserve(freed=len(successes))
         if not successes and not take:
             return
         held = [take]
@@ -181,19 +179,19 @@ class Recorder:
         def lost_reply() -> None:
             # Repeated with nothing to take: free the reserved slots now, not after an
             # outage that may last until shutdown.
-            self._resync.set()
-            self._slots.fill(held[0], [])
+            self.resync.set()
+            self.slots.fill(held[0], [])
             held[0] = 0
 
         taken: list[Delivery] = []
         finished: list[bytes] = []
-        with self._slots.taking:
+        with self.slots.taking:
             try:
                 finished, taken = self._ack(successes, take, lost_reply)
             finally:
-                self._slots.swap(finished, held[0], [d.stored for d in taken])
+                self.slots.swap(finished, held[0], [d.stored for d in taken])
         if taken:
-            self._dispatch(taken)
+            self.dispatch(taken)
 
     # --- successes ------------------------------------------------------------------
 
@@ -206,14 +204,15 @@ class Recorder:
         def write(attempt: int) -> tuple[list[int], list[tuple[bytes, int]]]:
             if attempt > 1 and take:
                 lost_reply()
-            return self._scripts.ack(
-                self._inflight, self._settings.result_ttl, acks, take if attempt == 1 else 0
+            return self.scripts.ack(
+                self._inflight, self.settings.result_ttl, acks, take if attempt == 1 else 0
             )
 
         first = successes[0].task_id if successes else "-"
         try:
             flags, taken = self._write(first, "ack", write)
         except QueueError as exc:
+            self._stop_if_refused(exc)
             if len(successes) <= 1 and not take:
                 if successes:
                     self._unrecordable(successes[0], exc)
@@ -225,7 +224,7 @@ class Recorder:
             return [o.delivery.stored for o in successes], []
         for outcome, flag in zip(successes, flags, strict=True):
             if flag:
-                self._metrics.processed["succeeded"].inc()
+                self.metrics.processed["succeeded"].inc()
             else:
                 self._gone(outcome)
         return [o.delivery.stored for o in successes], [Delivery(s, n) for s, n in taken]
@@ -236,7 +235,15 @@ class Recorder:
         try:
             self._write_failure(outcome)
         except QueueError as exc:
+            self._stop_if_refused(exc)
             self._unrecordable(outcome, exc)
+
+    def _stop_if_refused(self, exc: QueueError) -> None:
+        """A refusal of us (credentials, ACL, certificate) is not a fault of the outcome:
+        every write would be refused alike, so the worker stops and recovery takes over."""
+        if isinstance(exc, QueueConfigurationError):
+            self.fatal.set(exc)
+            raise _Unrecorded from exc
 
     def _write_failure(self, outcome: Outcome) -> None:
         stored = outcome.delivery.stored
@@ -244,32 +251,32 @@ class Recorder:
             done = self._write(
                 outcome.task_id,
                 "retry",
-                lambda _: self._scripts.retry(
+                lambda _: self.scripts.retry(
                     self._inflight, stored, outcome.next_task, int(outcome.delay * 1000)
                 ),
             )
             if not done:
                 self._gone(outcome)
                 return
-            self._metrics.processed["failed"].inc()
-            self._metrics.processed["retried"].inc()
-            self._metrics.retries.inc()
+            self.metrics.processed["failed"].inc()
+            self.metrics.processed["retried"].inc()
+            self.metrics.retries.inc()
             log.warning(
                 "queue %s: task %s failed (%s); retry %d/%d in %.2fs",
-                self._keys.queue,
+                self.keys.queue,
                 outcome.task_id,
                 outcome.error,
                 outcome.attempt,
-                self._settings.max_retry_attempts,
+                self.settings.max_retry_attempts,
                 outcome.delay,
                 extra=self._extra(outcome.task_id),
             )
             return
-        result = (outcome.result, outcome.channel, self._settings.result_ttl)
+        result = (outcome.result, outcome.channel, self.settings.result_ttl)
         record_id = self._write(
             outcome.task_id,
             "dead letter",
-            lambda _: self._scripts.dead_letter(
+            lambda _: self.scripts.dead_letter(
                 self._inflight,
                 stored,
                 outcome.task_id,
@@ -281,11 +288,11 @@ class Recorder:
         if record_id is None:
             self._gone(outcome)
             return
-        self._metrics.processed["failed"].inc()
-        self._metrics.processed["dead_lettered"].inc()
+        self.metrics.processed["failed"].inc()
+        self.metrics.processed["dead_lettered"].inc()
         log.error(
             "queue %s: task %s dead-lettered (%s): %s; record %s",
-            self._keys.queue,
+            self.keys.queue,
             outcome.task_id,
             outcome.summary,
             outcome.error,
@@ -298,16 +305,16 @@ class Recorder:
         stop the worker when even that is refused."""
         log.error(
             "queue %s: outcome of task %s refused by Redis (%s); dead-lettering it",
-            self._keys.queue,
+            self.keys.queue,
             outcome.task_id,
             exc,
             extra=self._extra(outcome.task_id),
         )
-        fallback = self._decider.unrunnable(outcome.delivery, exc, reason="unrecordable")
+        fallback = self.decider.unrunnable(outcome.delivery, exc, reason="unrecordable")
         try:
             self._write_failure(fallback)
         except QueueError as second:
-            self._fatal.set(
+            self.fatal.set(
                 QueueError(
                     f"task {outcome.task_id}: its outcome cannot be recorded ({exc}) nor"
                     f" dead-lettered ({second}); the worker stops so that recovery takes it"
@@ -319,7 +326,7 @@ class Recorder:
         log.warning(
             "queue %s: task %s finished after it left this worker (recovered or given"
             " back); its redelivery records the outcome",
-            self._keys.queue,
+            self.keys.queue,
             outcome.task_id,
             extra=self._extra(outcome.task_id),
         )
@@ -337,29 +344,29 @@ class Recorder:
                 if not repeatable(exc):
                     raise translate(exc, f"recording {what} of task {task_id}") from exc
                 failures += 1
-                if failures >= self._settings.max_reconnect_attempts:
-                    self._fatal.set(
+                if failures >= self.settings.max_reconnect_attempts:
+                    self.fatal.set(
                         QueueConnectionError(
-                            f"Redis at {self._reconnect.url} unreachable after {failures}"
+                            f"Redis at {self.reconnect.url} unreachable after {failures}"
                             f" attempts (recording {what} of task {task_id}): {exc}"
                         )
                     )
-                if self._give_up.is_set() or self._fatal.is_set():
+                if self.give_up.is_set() or self.fatal.is_set():
                     log.error(
                         "queue %s: task %s outcome (%s) unrecorded at shutdown (%s); it stays"
                         " in flight for recovery",
-                        self._keys.queue,
+                        self.keys.queue,
                         task_id,
                         what,
                         exc,
                         extra=self._extra(task_id),
                     )
                     raise _Unrecorded from exc
-                self._metrics.reconnects.inc()
-                wait = self._reconnect.delay(failures)
+                self.metrics.reconnects.inc()
+                wait = self.reconnect.delay(failures)
                 log.warning(
                     "queue %s: recording %s of task %s failed (%s); attempt %d, next in %.2fs",
-                    self._keys.queue,
+                    self.keys.queue,
                     what,
                     task_id,
                     exc,
@@ -367,7 +374,7 @@ class Recorder:
                     wait,
                     extra=self._extra(task_id),
                 )
-                self._give_up.wait(wait)
+                self.give_up.wait(wait)
 
     def _extra(self, task_id: str) -> dict[str, str]:
-        return {"queue": self._keys.queue, "task_id": task_id, "worker_id": self._worker_id}
+        return {"queue": self.keys.queue, "task_id": task_id, "worker_id": self.worker_id}

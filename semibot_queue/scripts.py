@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 import redis
 
-from semibot_queue.connection import Client, check_client
+from semibot_queue.codec import task_id_of
+from semibot_queue.connection import Client, check_client, is_transient
 from semibot_queue.constants import IDLE_SCRIPT_CONNECTIONS, MAINTENANCE_BATCH, MAX_NAME_LENGTH
 from semibot_queue.keys import KeySpace, is_valid_name
 
@@ -52,8 +53,13 @@ class _Script:
         connection = self._connections.take()
         try:
             return self._run(connection, keys, args)
-        except redis.ResponseError:
-            raise  # an error reply was read whole: the connection is clean
+        except redis.ResponseError as exc:
+            # An error reply was read whole: the connection is clean. But one that says
+            # "not here, not now" (READONLY after a failover, LOADING...) is dropped, so
+            # the next call dials again (a Sentinel-managed one asks for the new master).
+            if is_transient(exc):
+                connection.disconnect()
+            raise
         except BaseException:
             # A reply left half read (a lost link, a timeout, an interrupt) must never
             # reach the connection's next caller: drop it; the pool reconnects on next use.
@@ -103,7 +109,7 @@ class _Connections:
         """A connection for one call; waits while the pool has none free."""
         with self._lock:
             if self._pid != os.getpid():  # a forked child must not share the parent's sockets
-                self._idle, self._pid = [], os.getpid()
+                self._idle, self._pid = [], os.getpid()  # pragma: no cover - in a child (tested)
             connection = self._idle.pop() if self._idle else None
         if connection is not None:
             self._check(connection)
@@ -271,7 +277,8 @@ class Scripts:
             raw, keep = b"", b"2"  # the body itself: sent once, not twice
         else:
             keep = b"1"
-        args = [stored, task_id, record_json, raw, keep, payload, ttl, channel]
+        # counts are kept under the id lib_task_id.lua reads, which codec.task_id_of matches
+        args = [stored, task_id, record_json, raw, keep, payload, ttl, channel, task_id_of(stored)]
         record_id = self._dead_letter(keys=keys, args=args)
         return None if record_id is None else _text(record_id)
 
@@ -306,11 +313,17 @@ class Scripts:
         return [_text(w) for w in self._adopt(keys=keys, args=worker_ids)]
 
     def recover(
-        self, worker_id: str, dead_after_ms: int, max_deliveries: int, batch: int, max_length: int
+        self,
+        worker_id: str,
+        dead_after_ms: int,
+        max_deliveries: int,
+        limits: tuple[int, int, int],
     ) -> tuple[int, list[str], list[str]] | Literal["alive", "grace"]:
         """Requeue a dead worker's tasks: (left in flight, requeued task ids, poison
         dead-letter record ids); "alive" when it heartbeated after all, "grace" inside
-        the window after an outage when nobody is declared dead."""
+        the window after an outage when nobody is declared dead. ``limits`` is (tasks,
+        MAX_QUEUE_LENGTH, bytes of bodies) one call moves at most."""
+        batch, max_length, budget = limits
         k = self._keys
         keys = [
             k.workers,
@@ -329,19 +342,26 @@ class Scripts:
             max_length,
             MAX_NAME_LENGTH,
             k.accepted_prefix,
+            budget,
         ]
         reply = self._recover(keys=keys, args=args)
-        if int(reply[0]) == -1:
+        status = {-1: "alive", -2: "grace"}.get(int(reply[0]))
+        if status == "alive":
             return "alive"
-        if int(reply[0]) == -2:
+        if status == "grace":
             return "grace"
         return int(reply[0]), [_text(i) for i in reply[1]], [_text(i) for i in reply[2]]
 
-    def release(self, worker_id: str, max_length: int) -> int:
-        """Give back a stopping worker's tasks; how many could not be given back."""
+    def release(self, worker_id: str, max_length: int, budget: int) -> int:
+        """Give back a stopping worker's tasks, ``budget`` bytes of bodies per script call;
+        how many could not be given back (pending is full)."""
         k = self._keys
         keys = [k.workers, k.inflight(worker_id), k.pending, k.releases]
-        return int(self._release(keys=keys, args=[worker_id, max_length, MAX_NAME_LENGTH]))
+        args = [worker_id, max_length, MAX_NAME_LENGTH, budget]
+        while True:
+            left, moved = (int(n) for n in self._release(keys=keys, args=args))
+            if left == 0 or moved == 0:
+                return left
 
     def dlq_retry(
         self,

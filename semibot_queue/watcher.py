@@ -79,7 +79,9 @@ class Watcher:
                     self.tick()
             except REDIS_ERRORS as exc:
                 if not repeatable(exc):
-                    log.error("queue %s: watcher of %s refused: %s", self.keys.queue, self.worker_id, exc)
+                    log.error(
+                        "queue %s: watcher of %s refused: %s", self.keys.queue, self.worker_id, exc
+                    )
                     self.fatal.set(translate(exc, "the watcher's round"))
                     self._stop.wait(WATCHER_TICK)
                     continue
@@ -200,8 +202,7 @@ class Watcher:
                     dead,
                     int(s.worker_dead_after * 1000),
                     s.max_delivery_attempts,
-                    s.maintenance_batch,
-                    s.max_queue_length,
+                    (s.maintenance_batch, s.max_queue_length, s.max_payload_bytes),
                 )
                 if reply == "grace":
                     return total  # just after an outage: every live worker may beat first
@@ -268,4 +269,3 @@ def _glob_escape(text: str) -> str:
     """``text`` as a literal in a SCAN pattern (queue names may not hold glob characters,
     but the hash tag's braces are not special; brackets and stars would be)."""
     return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
-

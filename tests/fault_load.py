@@ -18,6 +18,7 @@ import redis
 
 from semibot_queue import QueueConnectionError, QueueSettings, TaskPayload, TaskProducer
 
+
 def task(**behaviour: Any) -> TaskPayload:
     """A task whose handler behaves as ``behaviour`` says (see fault_handlers)."""
     return TaskPayload(

@@ -43,7 +43,7 @@ from chaos_handlers import (
 )
 from fault_handlers import read_runs
 from fault_ledger import duplicate_runs, wait_until
-from fault_workers import START_TIMEOUT_S, WorkerProcess, Workers
+from fault_workers import FAST_SETTINGS, START_TIMEOUT_S, WorkerProcess, Workers
 from redis_server import RedisServer
 from semibot_queue import QueueSettings, TaskPayload, TaskProducer
 from semibot_queue.keys import KeySpace
@@ -351,6 +351,8 @@ def check_ledger(run: ChaosRun, took: float) -> None:
         by_kind.setdefault(plan(seed, task_id).kind, Counter())[end] += 1
     print("by kind:", {kind: dict(ends) for kind, ends in sorted(by_kind.items())})
 
+    dead_after = float(FAST_SETTINGS["worker_dead_after"])
+    assert run.outage_s > dead_after, f"{tag} Redis was down {run.outage_s:.2f} s only"
     assert not run.deaths, f"{tag} workers exited by themselves (number, status): {run.deaths}"
     wrong = {task_id: o for task_id, o in outcomes.items() if o not in (SUCCEEDED, DEAD)}
     assert not wrong, f"{tag} tasks without exactly one final outcome: {wrong}"

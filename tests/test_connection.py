@@ -19,6 +19,7 @@ Regression tests for issue 8's "Why" bullets in this area run against real redis
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import threading
@@ -91,7 +92,16 @@ QUICK_RETRY = QueueSettings(
     error_retry_delay=0.01, max_reconnect_delay=0.05, max_reconnect_attempts=3, retry_jitter=0.0
 )
 PASSWORD = "right-pass"  # noqa: S105 - a test server's password
-ENQUEUE_ARGS = ("enqueue", "--session-id", "s", "--agent-id", "a", "--org-id", "o")
+ENQUEUE = ("enqueue", "--session-id", "s", "--agent-id", "a", "--org-id", "o", "--message", "u:hi")
+
+
+@pytest.fixture(autouse=True)
+def _restore_package_logger() -> Iterator[None]:
+    """The command line configures the ``semibot_queue`` logger; undo it after the test."""
+    logger = logging.getLogger("semibot_queue")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 # --- servers -------------------------------------------------------------------------------
@@ -175,11 +185,12 @@ def password_server(tmp_path: Path) -> Iterator[SecuredRedisServer]:
         yield server
 
 
-#: ``queue`` may run anything but scripts; ``nopush`` anything but LPUSH.
+#: ``queue`` may run anything but scripts; ``nopush`` anything but LPUSH; ``noread`` no reads.
 ACL = """\
 user default on nopass ~* &* +@all
 user queue on >queue-pass ~* &* +@all -@scripting
 user nopush on >nopush-pass ~* &* +@all -lpush
+user noread on >noread-pass ~* &* +@all -@read
 """
 
 
@@ -228,7 +239,7 @@ class TestBoundedConnections:
     ) -> None:
         assert QUICK_RETRY.max_connections == MAX_CONNECTIONS
         before = client_ids(redis_client)  # other tests may leave idle clients behind
-        opened_before = redis_client.info("stats")["total_connections_received"]
+        opened_before = opened_connections(redis_client)
         errors: list[BaseException] = []
         start = threading.Barrier(150)
 
@@ -248,13 +259,13 @@ class TestBoundedConnections:
             assert errors == []
             assert shared.get_queue_length() == 150
             assert len(client_ids(redis_client) - before) <= MAX_CONNECTIONS
-        opened = redis_client.info("stats")["total_connections_received"] - opened_before
+        opened = opened_connections(redis_client) - opened_before
         assert 1 <= opened <= MAX_CONNECTIONS
 
     def test_callers_wait_for_a_free_connection_instead_of_failing(
         self, redis_url: str, redis_client: redis.Redis[bytes]
     ) -> None:
-        opened_before = redis_client.info("stats")["total_connections_received"]
+        opened_before = opened_connections(redis_client)
         settings = attrs.evolve(QUICK_RETRY, max_connections=2)
         with producer(redis_url, settings) as shared:
             threads = [
@@ -265,7 +276,7 @@ class TestBoundedConnections:
             for thread in threads:
                 thread.join(30)
             assert shared.get_queue_length() == 40
-        opened = redis_client.info("stats")["total_connections_received"] - opened_before
+        opened = opened_connections(redis_client) - opened_before
         assert opened <= 2
 
     def test_make_client_builds_a_bounded_waiting_pool_that_never_resends(self) -> None:
@@ -368,9 +379,9 @@ class TestScriptConnections:
             (ours,) = client_ids(redis_client) - before
             assert redis_client.client_kill_filter(_id=str(ours)) == 1
             wait_until(lambda: ours not in client_ids(redis_client), what="the server to close it")
-            opened = redis_client.info("stats")["total_connections_received"]
+            opened = opened_connections(redis_client)
             assert echo(args=["2"]) == b"2"  # it saw the closed socket before sending
-            assert redis_client.info("stats")["total_connections_received"] == opened + 1
+            assert opened_connections(redis_client) == opened + 1
         finally:
             client.close()
 
@@ -535,15 +546,14 @@ class TestInjectedClients:
             assert "Retry(redis.backoff.NoBackoff(), 0)" in str(caught.value)
             with pytest.raises(QueueConfigurationError):
                 DeadLetterQueue(queue_name="q", client=client).purge()
-            consumer = TaskConsumer(
-                queue_name="q",
-                handler=lambda message: None,
-                client=client,
-                registry=CollectorRegistry(),
-                handle_signals=False,
-            )
-            with pytest.raises(QueueConfigurationError):
-                consumer.connect()
+            with pytest.raises(QueueConfigurationError):  # at construction, or at connect
+                TaskConsumer(
+                    queue_name="q",
+                    handler=lambda message: None,
+                    client=client,
+                    registry=CollectorRegistry(),
+                    handle_signals=False,
+                ).connect()
         finally:
             client.close()
 
@@ -626,28 +636,43 @@ class TestConfigurationErrors:
         assert is_configuration_error(caught.value)
         assert isinstance(translate(caught.value, "enqueue"), QueueConfigurationError)
 
-    @pytest.mark.parametrize("case", ["password", "certificate", "acl"])
+    @pytest.mark.parametrize(
+        ("case", "command"),
+        [
+            ("password", ENQUEUE),
+            ("certificate", ENQUEUE),
+            ("acl", ENQUEUE),
+            ("password", ("stats",)),
+            ("acl-no-read", ("stats",)),
+        ],
+        ids=[
+            "enqueue-password",
+            "enqueue-certificate",
+            "enqueue-acl",
+            "stats-password",
+            "stats-acl",
+        ],
+    )
     def test_the_cli_exits_with_the_configuration_status(
         self,
         request: pytest.FixtureRequest,
         capsys: pytest.CaptureFixture[str],
         case: str,
+        command: tuple[str, ...],
     ) -> None:
         if case == "password":
-            server = request.getfixturevalue("password_server")
-            url = server.url.replace(PASSWORD, "wrong-pass")
+            url = request.getfixturevalue("password_server").url.replace(PASSWORD, "wrong-pass")
         elif case == "certificate":
-            server, files = (
-                request.getfixturevalue("tls_server"),
-                request.getfixturevalue("certificates"),
-            )
-            url = server.url.replace(str(files.ca), str(files.stranger_ca))
+            files: TlsFiles = request.getfixturevalue("certificates")
+            url = request.getfixturevalue("tls_server").url
+            url = url.replace(str(files.ca), str(files.stranger_ca))
         else:
-            url = as_user(request.getfixturevalue("acl_server"), "queue")
-        status = main(["--redis-url", url, *ENQUEUE_ARGS, "--message", "user:hi"])
+            user = "queue" if case == "acl" else "noread"
+            url = as_user(request.getfixturevalue("acl_server"), user)
+        status = main(["--redis-url", url, *command])
         assert status == Exit.CONFIGURATION == 9
         lines = capsys.readouterr().err.splitlines()
-        assert len(lines) == 1
+        assert len(lines) == 1, lines
         assert lines[0].startswith("semibot-queue: error: ")
         assert "wrong-pass" not in lines[0]
 
@@ -677,7 +702,7 @@ class TestRefusals:
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
         with RedisServer(tmp_path, extra_args=("--maxmemory", "1")) as server:
-            status = main(["--redis-url", server.url, *ENQUEUE_ARGS, "--message", "user:hi"])
+            status = main(["--redis-url", server.url, *ENQUEUE])
         assert status == Exit.ERROR
         lines = capsys.readouterr().err.splitlines()
         assert len(lines) == 1
@@ -703,6 +728,28 @@ class TestRefusals:
             thread.join(10)
             assert [type(o) for o in outcome] == [str], outcome
             assert admin.llen(KeySpace.of("q", settings).pending) == 1
+
+    def test_a_readonly_reply_drops_the_connection_so_the_next_call_dials_again(
+        self, tmp_path: Path
+    ) -> None:
+        with (
+            RedisServer(tmp_path / "master") as master,
+            RedisServer(
+                tmp_path / "replica", extra_args=("--replicaof", HOST, str(master.port))
+            ) as replica,
+            replica.client() as admin,
+        ):
+            client = make_client(replica.url, QueueSettings())
+            write = script_of(client, "return redis.call('INCR', KEYS[1])")
+            try:
+                with pytest.raises(ReadOnlyError):
+                    write(keys=["{q}:n"])
+                opened = opened_connections(admin)
+                admin.replicaof("NO", "ONE")  # what a failover does; Sentinel would redirect
+                assert write(keys=["{q}:n"]) == 1
+                assert opened_connections(admin) == opened + 1
+            finally:
+                client.close()
 
     @pytest.mark.parametrize(
         "reply",

@@ -170,7 +170,7 @@ class TestOutcomes:
         assert result["status"] == "failed"
         assert result["error"] == "ValueError: boom 3"
 
-    def test_a_permanent_error_is_dead_lettered_at_once(self, redis_url, redis_client):
+    def test_a_permanent_error_is_dead_lettered_at_once(self, redis_url):
         calls = []
 
         def refuse(message: TaskMessage) -> None:
@@ -185,7 +185,7 @@ class TestOutcomes:
         assert (record["reason"], record["error_type"]) == ("permanent", "PermanentTaskError")
         assert record["message"]["task_id"] == task_id
 
-    def test_a_result_that_is_not_json_is_dead_lettered(self, redis_url, redis_client):
+    def test_a_result_that_is_not_json_is_dead_lettered(self, redis_url):
         [task_id] = enqueue(redis_url, 1)
         with running(consumer_for(redis_url, lambda m: {1, 2})):
             wait_until(lambda: dead_letter(redis_url, task_id), what="dead letter")

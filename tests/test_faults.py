@@ -21,7 +21,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -618,7 +617,8 @@ def test_dead_letters_beyond_the_bound_are_evicted_oldest_first_counted_and_logg
     evicted = [r.getMessage() for r in queue_logs.records if "evicted" in r.getMessage()]
     assert len(evicted) == 2, evicted
     for task_id, line in zip(ids[:2], evicted, strict=True):
-        assert f"dead letter {task_id}#" in line and " evicted " in line
+        assert f"dead letter {task_id}#" in line
+        assert " evicted " in line
 
 
 def test_dead_letters_older_than_the_ttl_are_evicted_counted_and_logged(
@@ -632,9 +632,7 @@ def test_dead_letters_older_than_the_ttl_are_evicted_counted_and_logged(
         )
         [record_id] = failed_ms
         failed_ms = redis_client.zscore(KEYS.dead_index, record_id)
-        wait_until(
-            lambda: not redis_client.hexists(KEYS.dead, record_id), 10.0, "the TTL eviction"
-        )
+        wait_until(lambda: not redis_client.hexists(KEYS.dead, record_id), 10.0, "the TTL eviction")
         seconds, micros = redis_client.time()
     assert seconds * 1000 + micros // 1000 - failed_ms >= 1000, "evicted before its TTL"
     assert redis_client.zscore(KEYS.dead_index, record_id) is None

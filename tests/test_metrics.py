@@ -8,7 +8,6 @@ share one registry.
 from __future__ import annotations
 
 import json
-
 import threading
 
 import pytest
@@ -261,6 +260,11 @@ class TestFailureCounters:
         consumer = TaskConsumer(redis_url, QUEUE, reject, 1, settings, registry=registry)
         with running(consumer):
             wait_until(lambda: processed(registry, "dead_lettered") == 3, what="3 dead letters")
+            # the watcher trims on its next heartbeat
+            wait_until(
+                lambda: value(registry, "semibot_queue_dead_letter_evictions_total") == 1,
+                what="the eviction",
+            )
         assert value(registry, "semibot_queue_dead_letter_evictions_total") == 1
         dlq = DeadLetterQueue(redis_url, QUEUE, settings)
         try:

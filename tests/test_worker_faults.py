@@ -28,12 +28,12 @@ import semibot_queue
 from chaos_handlers import (
     BASE_EXCEPTIONS,
     LONG_ERROR_CHARS,
+    TOO_DEEP,
     SurrogateError,
-    Unprintable,
     UnprintableError,
 )
 from fault_handlers import read_runs
-from fault_ledger import dead_record_ids, dead_records, wait_until
+from fault_ledger import ResultListener, dead_record_ids, dead_records, wait_until
 from fault_workers import WorkerProcess, Workers
 from redis_server import RedisServer, free_port
 from semibot_queue import (
@@ -143,6 +143,24 @@ def handles() -> Iterator[list[Running]]:
 
 
 @pytest.fixture
+def listen() -> Iterator[Callable[[str], ResultListener]]:
+    """Start a ResultListener (results published, per task) on a server; stopped at the end."""
+    started: list[ResultListener] = []
+
+    def start_listening(url: str) -> ResultListener:
+        listener = ResultListener(url, KEYS)
+        listener.start()
+        started.append(listener)
+        return listener
+
+    try:
+        yield start_listening
+    finally:
+        for listener in started:
+            listener.stop()
+
+
+@pytest.fixture
 def workers(tmp_path: Path) -> Iterator[Workers]:
     """Worker subprocesses of this test; all SIGKILLed and their logs printed at the end."""
     pool = Workers(tmp_path)
@@ -164,10 +182,12 @@ def starts(runs_path: Path, task_id: str) -> list[dict[str, Any]]:
 # --- a handler that raises or returns the unexpected ---------------------------------------
 
 
-def _recursive() -> list[Any]:
-    loop: list[Any] = []
-    loop.append(loop)
-    return loop
+def _too_deep() -> list[Any]:
+    """Nested past any recursion limit: encoding it raises RecursionError."""
+    value: list[Any] = []
+    for _ in range(TOO_DEEP):
+        value = [value]
+    return value
 
 
 def _raise(error: BaseException) -> Any:
@@ -184,8 +204,15 @@ MISBEHAVIOURS: dict[str, tuple[Callable[[int], Any], str]] = {
         "exhausted",
     ),
     "raises an error whose __str__ fails": (lambda n: _raise(UnprintableError()), "exhausted"),
+    # nested past the recursion limit, in lists and in mappings: encoding raises neither
+    # TypeError nor ValueError (the chaos test returns the other odd values)
     "returns something that cannot be encoded": (
-        lambda n: [object(), {1, 2}, float("nan"), _recursive(), Unprintable()][n % 5],
+        lambda n: [
+            _too_deep(),
+            {"deep": _too_deep()},
+            [{"deeper": _too_deep()}],
+            {"a": [1, {"b": _too_deep()}]},
+        ][n],
         "permanent",
     ),
     # the retry copy keeps a shortened error, so the task is retried as any other
@@ -269,7 +296,13 @@ def threads_of(part: str, worker_id: str) -> list[threading.Thread]:
     if part == "pool loop":
         prefix = f"semibot-queue-{worker_id}_"
         return [t for t in threading.enumerate() if t.name.startswith(prefix)]
-    return [t for t in threading.enumerate() if "recorder" in t.name and worker_id in t.name]
+    # the outcome recorder ("acker" before it recorded every outcome)
+    names = ("recorder", "acker")
+    return [
+        t
+        for t in threading.enumerate()
+        if worker_id in t.name and any(name in t.name for name in names)
+    ]
 
 
 @pytest.mark.parametrize("part", ["pool loop", "recorder"])
@@ -305,10 +338,11 @@ def test_a_worker_whose_pool_loop_or_recorder_died_stops_heartbeating_and_exits_
 # --- Redis refusing an outcome for a reason other than a lost link --------------------------
 
 #: How to make Redis refuse the worker's outcome writes, and to stop refusing: its ACL user
-#: loses LREM, the first write of every outcome script (inside a script Redis 7 answers
-#: ``ERR ... can't run this command``; a command refused later in a script would leave the
-#: writes before it done), or the server becomes a replica (READONLY). Each with the INFO
-#: errorstats line that counts it.
+#: loses LREM or PUBLISH (inside a script Redis 7 answers ``ERR ... can't run this
+#: command``), the server becomes a replica (READONLY), or it reaches maxmemory (OOM; a
+#: script without flags is refused only if its first write comes before any other).
+#: A script's writes before a refused command are kept (Redis does not roll back). Each
+#: refusal comes with the INFO errorstats line that counts it.
 REFUSALS: dict[str, tuple[Callable[[Client], Any], Callable[[Client], Any], str]] = {
     "ACL user without LREM": (
         lambda admin: admin.execute_command("ACL", "SETUSER", "qworker", "-lrem"),
@@ -320,7 +354,41 @@ REFUSALS: dict[str, tuple[Callable[[Client], Any], Callable[[Client], Any], str]
         lambda admin: admin.execute_command("REPLICAOF", "NO", "ONE"),
         "errorstat_READONLY",
     ),
+    "out of memory": (
+        lambda admin: admin.config_set("maxmemory", 1),
+        lambda admin: admin.config_set("maxmemory", 0),
+        "errorstat_OOM",
+    ),
+    "ACL user without PUBLISH": (
+        lambda admin: admin.execute_command("ACL", "SETUSER", "qworker", "-publish"),
+        lambda admin: admin.execute_command("ACL", "SETUSER", "qworker", "+publish"),
+        "errorstat_ERR",
+    ),
 }
+
+
+def acl_user_url(admin: Client, port: int) -> str:
+    """Create the ACL user ``qworker`` (every command for now); a URL logging in as it."""
+    admin.acl_setuser(
+        "qworker",
+        enabled=True,
+        passwords=["+secret"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all"],
+    )
+    return f"redis://qworker:secret@127.0.0.1:{port}/0"
+
+
+def assert_kept_in_its_slot(admin: Client, inflight: str, held: str, waiting: str) -> None:
+    """``held`` is not lost (in flight, or recorded by a write Redis let through), and while
+    it is in flight its slot takes nothing else (``waiting`` stays pending)."""
+    holding, result = ids_in(admin, inflight), stored_result(admin, held)
+    recorded = result is not None and result["status"] == "succeeded"
+    assert held in holding or recorded, f"task {held} lost: not in flight, not recorded"
+    if held in holding:
+        assert holding == [held], f"in flight {holding}: a slot still held took another task"
+        assert ids_in(admin, KEYS.pending) == [waiting]
 
 
 def error_count(admin: Client, stat: str) -> int:
@@ -329,20 +397,13 @@ def error_count(admin: Client, stat: str) -> int:
 
 @pytest.mark.parametrize("refusal", list(REFUSALS))
 def test_a_redis_error_that_is_not_a_connection_error_while_recording_frees_no_slot_and_loses_no_task(  # noqa: E501 - the bullet's words
-    refusal: str, tmp_path: Path, handles: list[Running]
+    refusal: str, tmp_path: Path, handles: list[Running], listen: Callable[[str], ResultListener]
 ) -> None:
     refuse, allow, stat = REFUSALS[refusal]
     with RedisServer(tmp_path / "redis") as server:
         admin = server.client()
-        admin.acl_setuser(
-            "qworker",
-            enabled=True,
-            passwords=["+secret"],
-            keys=["*"],
-            channels=["*"],
-            commands=["+@all"],
-        )
-        worker_url = f"redis://qworker:secret@127.0.0.1:{server.port}/0"
+        worker_url = acl_user_url(admin, server.port)
+        published = listen(server.url)
         started, release, returned = threading.Event(), threading.Event(), threading.Event()
         runs: list[tuple[str, str, int]] = []
 
@@ -369,18 +430,15 @@ def test_a_redis_error_that_is_not_a_connection_error_while_recording_frees_no_s
         assert returned.wait(10)
         refused = error_count(admin, stat)
         wait_until(
-            lambda: not handle.thread.is_alive() or error_count(admin, stat) >= refused + 3,
+            lambda: (
+                not handle.thread.is_alive()
+                or error_count(admin, stat) >= refused + 3
+                or ids_in(admin, inflight) != [held]
+            ),
             15.0,
             f"the worker to exit, or to repeat the refused write ({stat})",
         )
-        assert stored_result(admin, held) is None, "Redis refused every write, yet a result?"
-        assert ids_in(admin, inflight) == [held], (
-            f"the unrecorded task left the worker's in-flight list: {ids_in(admin, inflight)}"
-        )
-        if handle.thread.is_alive():
-            assert ids_in(admin, KEYS.pending) == [waiting], (
-                "the worker freed the slot of its unrecorded task and took the next one"
-            )
+        assert_kept_in_its_slot(admin, inflight, held, waiting)
         allow(admin)
 
         rescued: list[Running] = []
@@ -389,10 +447,18 @@ def test_a_redis_error_that_is_not_a_connection_error_while_recording_frees_no_s
             if not handle.thread.is_alive() and not rescued:  # exited: recovery takes over
                 rescued.append(start(consumer(server.url, handler, 1, s), admin))
                 handles.append(rescued[0])
-            return succeeded(admin, [held, waiting])
+            workers = [first, *(r.consumer for r in rescued)]
+            idle = not any(admin.llen(KEYS.inflight(w.worker_id)) for w in workers)
+            told = all(published.counts()[task_id] for task_id in (held, waiting))
+            return idle and told and succeeded(admin, [held, waiting])
 
-        wait_until(done, 20.0, "both tasks to succeed once Redis accepts writes again")
-        assert not dead_record_ids(admin, KEYS, held), "a successful task was dead-lettered"
+        wait_until(
+            done,
+            20.0,
+            "both tasks to succeed and be published, nothing left in flight, once Redis"
+            " accepts writes again",
+            lambda: f"published {dict(published.counts())}",
+        )
         mine = [(task_id, count) for name, task_id, count in runs if task_id == held]
         print(
             f"{refusal}: the worker "
@@ -404,6 +470,7 @@ def test_a_redis_error_that_is_not_a_connection_error_while_recording_frees_no_s
         else:
             assert handle.error is None
             assert mine == [(held, 1)], runs
+        assert not dead_record_ids(admin, KEYS, held), "a successful task was dead-lettered"
         admin.close()
 
 
@@ -420,8 +487,10 @@ def blocked_pops(client: Client) -> int:
 
 
 def test_a_worker_declared_dead_that_takes_a_task_before_its_next_heartbeat_does_not_strand_it(
-    redis_url: str, redis_client: Client, workers: Workers, tmp_path: Path
+    persistent_redis: RedisServer, workers: Workers, tmp_path: Path
 ) -> None:
+    # a server of its own: no other test's client is blocked in a pop on it
+    redis_url, redis_client = persistent_redis.url, persistent_redis.client()
     gate = tmp_path / "gate"
     keeper, _ = workers.start_registered(
         redis_client, KEYS, redis_url, concurrency=1, handler=GATED
@@ -437,6 +506,7 @@ def test_a_worker_declared_dead_that_takes_a_task_before_its_next_heartbeat_does
         handler=GATED,
         queue_poll_timeout=20,
         stop_poll_slice=20,
+        socket_timeout=30,
     )
     wait_until(lambda: blocked_pops(redis_client) == 1, 10.0, "the sleeper blocked in BLMOVE")
 
@@ -464,6 +534,7 @@ def test_a_worker_declared_dead_that_takes_a_task_before_its_next_heartbeat_does
     assert [(r["pid"], r["delivery_count"]) for r in starts(workers.runs_path, late)] == [
         (keeper.pid, 2)
     ]
+    redis_client.close()
 
 
 # --- a Redis outage longer than WORKER_DEAD_AFTER ------------------------------------------
@@ -512,11 +583,11 @@ def test_a_redis_outage_longer_than_worker_dead_after_recovers_no_live_workers_t
             10.0,
             f"both workers to heartbeat after outage {outage}",
         )
-        crashes = client.hgetall(KEYS.crashes)
-        assert not crashes, f"after outage {outage}, live workers' tasks counted as crashes"
         now = {wid: ids_in(client, KEYS.inflight(wid)) for _, wid in pairs}
         assert now == holding, f"after outage {outage}, tasks moved from live workers: {now}"
         assert client.llen(KEYS.pending) == 0
+        crashes = client.hgetall(KEYS.crashes)
+        assert not crashes, f"after outage {outage}, live workers' tasks counted as crashes"
 
     gate.touch()
     wait_until(lambda: succeeded(client, ids), 15.0, "both long tasks to finish")
@@ -547,8 +618,10 @@ print("start() returned", flush=True)
 
 
 def test_stop_called_from_a_signal_handler_while_start_runs_on_the_main_thread_returns(
-    redis_url: str, redis_client: Client, tmp_path: Path
+    persistent_redis: RedisServer, tmp_path: Path
 ) -> None:
+    # a server of its own: no other test's client is blocked in a pop on it
+    redis_url, redis_client = persistent_redis.url, persistent_redis.client()
     package_root = Path(semibot_queue.__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(package_root)}
     process = subprocess.Popen(
@@ -575,6 +648,7 @@ def test_stop_called_from_a_signal_handler_while_start_runs_on_the_main_thread_r
         if process.poll() is None:
             process.kill()
             process.communicate()
+        redis_client.close()
     assert process.returncode == 0, output.decode(errors="replace")
     assert b"start() returned" in output
 

@@ -13,6 +13,7 @@
 -- ARGV[2]     N, how many tasks to take (0 when the worker is stopping)
 -- ARGV[3]     MAX_NAME_LENGTH
 -- ARGV[4..]   per finished task, four values: stored task, result JSON, channel, task id
+--             (the task id is only logged by the caller; counts are dropped by key_of)
 -- Returns {{1 recorded or 0 already gone, per finished task}, {taken tasks, oldest
 -- first}, {earlier lost or given-back deliveries of each taken task}}.
 local ttl = tonumber(ARGV[1])
@@ -20,14 +21,19 @@ local flags = {}
 local counted = redis.call('EXISTS', KEYS[3], KEYS[4]) > 0
 for i = 0, (#KEYS - 4) / 2 - 1 do
   local base = 4 + i * 4
-  if redis.call('LREM', KEYS[1], 1, ARGV[base]) == 1 then
+  if redis.call('LPOS', KEYS[1], ARGV[base]) then
     redis.call('SET', KEYS[5 + i * 2], ARGV[base + 1], 'EX', ttl)
+    redis.call('PUBLISH', ARGV[base + 2], ARGV[base + 1])
     redis.call('DEL', KEYS[6 + i * 2])
     if counted then
-      redis.call('HDEL', KEYS[3], ARGV[base + 3])
-      redis.call('HDEL', KEYS[4], ARGV[base + 3])
+      -- under the key the counts were kept by (see lib_task_id), not the parsed id
+      local key = key_of(ARGV[base], tonumber(ARGV[3]))
+      redis.call('HDEL', KEYS[3], key)
+      redis.call('HDEL', KEYS[4], key)
     end
-    redis.call('PUBLISH', ARGV[base + 2], ARGV[base + 1])
+    -- Out of flight last: if Redis refuses any write above (an ACL, say), the task is
+    -- still in flight and nothing is lost; a later try or a redelivery records it.
+    redis.call('LREM', KEYS[1], 1, ARGV[base])
     flags[#flags + 1] = 1
   else
     flags[#flags + 1] = 0

@@ -20,8 +20,9 @@
 -- ARGV[6]   failed result JSON, or '' for a task with no session to tell
 -- ARGV[7]   RESULT_TTL in seconds
 -- ARGV[8]   result channel
+-- ARGV[9]   the key its delivery counts are kept under (lib_task_id's key_of of ARGV[1])
 -- Returns the new record id, or nil when the task was no longer in flight (nothing written).
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then
+if not redis.call('LPOS', KEYS[1], ARGV[1]) then
   return false
 end
 local now = redis.call('TIME')
@@ -37,7 +38,9 @@ if ARGV[6] ~= '' then
   redis.call('SET', KEYS[10], ARGV[6], 'EX', tonumber(ARGV[7]))
   redis.call('PUBLISH', ARGV[8], ARGV[6])
 end
-redis.call('HDEL', KEYS[7], ARGV[2])
-redis.call('HDEL', KEYS[8], ARGV[2])
+redis.call('HDEL', KEYS[7], ARGV[9])
+redis.call('HDEL', KEYS[8], ARGV[9])
 redis.call('DEL', KEYS[9])
+-- Out of flight last: a refused write above leaves the task in flight, never lost.
+redis.call('LREM', KEYS[1], 1, ARGV[1])
 return id

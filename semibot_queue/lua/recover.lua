@@ -10,8 +10,10 @@
 -- KEYS[4]   crashes hash
 -- KEYS[5]   releases hash
 -- KEYS[6]   grace (ms)
--- KEYS[7]   dead-letter hash           KEYS[8]   dead-letter index
--- KEYS[9]   dead-letter ids (lex)      KEYS[10]  dead-letter raw bytes
+-- KEYS[7]   dead-letter hash
+-- KEYS[8]   dead-letter index
+-- KEYS[9]   dead-letter ids (lex)
+-- KEYS[10]  dead-letter raw bytes
 -- KEYS[11]  dead-letter sequence
 -- ARGV[1]   worker id
 -- ARGV[2]   WORKER_DEAD_AFTER in ms: a worker seen more recently is left alone
@@ -20,6 +22,8 @@
 -- ARGV[5]   MAX_QUEUE_LENGTH (recovered tasks wait in place while pending is full)
 -- ARGV[6]   MAX_NAME_LENGTH
 -- ARGV[7]   prefix of idempotency markers (a poisoned task's marker is dropped)
+-- ARGV[8]   bytes of task bodies one call moves at most (MAX_PAYLOAD_BYTES): the call
+--           stays short whatever the sizes; at least one task is always moved
 -- Returns {tasks left in flight, {requeued task ids}, {poison dead-letter record ids}},
 -- {-1} if the worker is alive, {-2} inside a grace window.
 local now = redis.call('TIME')
@@ -37,8 +41,9 @@ local max_name = tonumber(ARGV[6])
 local requeued = {}
 local poisoned = {}
 local room = tonumber(ARGV[5]) - redis.call('LLEN', KEYS[3])
+local budget = tonumber(ARGV[8])
 for _ = 1, tonumber(ARGV[4]) do
-  if room <= 0 then
+  if room <= 0 or budget <= 0 then
     break
   end
   -- Newest first onto the taking end, so the oldest ends up taken first.
@@ -46,6 +51,7 @@ for _ = 1, tonumber(ARGV[4]) do
   if not task then
     break
   end
+  budget = budget - #task
   local id = key_of(task, max_name)
   local crashes = redis.call('HINCRBY', KEYS[4], id, 1)
   if crashes >= tonumber(ARGV[3]) then

@@ -9,9 +9,13 @@
 -- ARGV[1]  worker id
 -- ARGV[2]  MAX_QUEUE_LENGTH (what does not fit stays; recovery moves it later)
 -- ARGV[3]  MAX_NAME_LENGTH
--- Returns the number of tasks left in flight (0 when the worker is deregistered).
+-- ARGV[4]  bytes of task bodies one call moves at most (MAX_PAYLOAD_BYTES); the caller
+--          calls again while tasks are left and the last call moved some
+-- Returns {tasks left in flight (0 when the worker is deregistered), tasks moved}.
 local room = tonumber(ARGV[2]) - redis.call('LLEN', KEYS[3])
-while room > 0 do
+local budget = tonumber(ARGV[4])
+local moved = 0
+while room > 0 and budget > 0 do
   local task = redis.call('LPOP', KEYS[2])
   if not task then
     break
@@ -19,9 +23,11 @@ while room > 0 do
   redis.call('HINCRBY', KEYS[4], key_of(task, tonumber(ARGV[3])), 1)
   redis.call('RPUSH', KEYS[3], task)
   room = room - 1
+  budget = budget - #task
+  moved = moved + 1
 end
 local left = redis.call('LLEN', KEYS[2])
 if left == 0 then
   redis.call('ZREM', KEYS[1], ARGV[1])
 end
-return left
+return {left, moved}

@@ -5,10 +5,12 @@
 -- ARGV[2]  the task as it must run next (retry_count and last_error updated)
 -- ARGV[3]  delay in ms
 -- Returns 1, or 0 when the task was no longer in flight (nothing written).
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then
+if not redis.call('LPOS', KEYS[1], ARGV[1]) then
   return 0
 end
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 redis.call('ZADD', KEYS[2], now_ms + tonumber(ARGV[3]), ARGV[2])
+-- Out of flight last: a refused write above leaves the task in flight, never lost.
+redis.call('LREM', KEYS[1], 1, ARGV[1])
 return 1
