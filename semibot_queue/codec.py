@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import time
 import traceback
 from datetime import datetime, timezone
 from typing import Any, TypeVar
@@ -23,7 +24,7 @@ from typing import Any, TypeVar
 import attrs
 import cattrs
 
-from semibot_queue.constants import MAX_ERROR_CHARS, MAX_NAME_LENGTH
+from semibot_queue.constants import CANCELLED_ERROR, MAX_ERROR_CHARS, MAX_NAME_LENGTH
 from semibot_queue.errors import InvalidTaskError
 from semibot_queue.json_values import (
     NotJsonError,
@@ -54,6 +55,23 @@ def task_id_of(body: bytes) -> str:
             return match.group(1).decode("ascii")
         start = body.find(b'"task_id"', start + 9)
     return "raw-" + hashlib.sha1(body, usedforsecurity=False).hexdigest()
+
+
+def cancelled_result(
+    task_id: str, session_id: str, *, attempts: int = 0, duration_s: float = 0.0
+) -> TaskResult:
+    """The result of a cancelled task, finished now: status ``cancelled``, error
+    CANCELLED_ERROR (``{"error": "cancelled"}`` under ``result`` on the wire).
+    ``attempts`` is 0 for a task cancelled before it ran, else the attempts it had."""
+    return TaskResult(
+        task_id=task_id,
+        session_id=session_id,
+        status="cancelled",
+        error=CANCELLED_ERROR,
+        attempts=attempts,
+        duration_s=duration_s,
+        finished_at=time.time(),
+    )
 
 
 # --- errors as text, whatever the exception does ------------------------------------------
@@ -345,8 +363,13 @@ class Codec:
 
 
 def _fields(instance: Any) -> dict[str, Any]:
-    """A model's fields by name, in order, the values as they are (not copied)."""
-    return {field.name: getattr(instance, field.name) for field in attrs.fields(type(instance))}
+    """A model's fields by name, in order, the values as they are (not copied); fields
+    that are not constructor arguments (a message's cancel flag) are not data."""
+    return {
+        field.name: getattr(instance, field.name)
+        for field in attrs.fields(type(instance))
+        if field.init
+    }
 
 
 def _shown_id(result: TaskResult) -> str:
@@ -405,4 +428,4 @@ def _mapping_or_none(value: Any, kind: Any) -> Any:
 
 def fields_of(cls: type[Any]) -> list[str]:
     """Names of a model's fields, in order (for tables and documentation)."""
-    return [field.name for field in attrs.fields(cls)]
+    return [field.name for field in attrs.fields(cls) if field.init]

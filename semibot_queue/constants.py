@@ -22,10 +22,10 @@ DEAD_LETTER_QUEUE = "dead"
 #: Handlers one worker runs at once (thread pool size and in-flight limit).
 MAX_CONCURRENT_TASKS = 10
 
-#: Seconds one blocking pop may wait at most; it is also cut to STOP_POLL_SLICE.
+#: Seconds one blocking pop waits for a task (``stop()`` cuts it short at once).
 QUEUE_POLL_TIMEOUT = 30.0
 
-#: Seconds one blocking call waits at most, so ``stop()`` is seen within about a second.
+#: Seconds the fetch loop waits for a free slot before it looks at its stop flag again.
 STOP_POLL_SLICE = 1.0
 
 #: Seconds between two "all slots busy" warnings of one worker.
@@ -50,8 +50,11 @@ MAX_TRACKED_SESSIONS = 10_000
 #: Pending tasks beyond which ``enqueue`` raises QueueFullError.
 MAX_QUEUE_LENGTH = 10_000
 
-#: Pending length from which every push logs a warning.
+#: Pending length whose crossing (from below) a producer logs as a warning.
 QUEUE_LENGTH_WARNING_THRESHOLD = 5_000
+
+#: Seconds between two "queue length crossed the threshold" warnings of one producer.
+QUEUE_LENGTH_WARNING_INTERVAL = 60.0
 
 #: Bytes of one encoded task beyond which ``enqueue`` refuses it.
 MAX_PAYLOAD_BYTES = 1_048_576
@@ -99,6 +102,9 @@ MAX_RETRY_ATTEMPTS = 3
 
 #: Seconds a handler may run before TaskTimeoutError is raised in its thread; 0 = no limit.
 TASK_TIME_LIMIT = 0.0
+
+#: The error text of a cancelled task's result.
+CANCELLED_ERROR = "cancelled"
 
 #: Seconds a task id stays reserved after enqueue (a second enqueue of it is a duplicate)
 #: unless the task finishes, or is cleared or purged, sooner.
@@ -172,5 +178,5 @@ WATCHER_TICK = 0.25
 #: URL of Redis when neither ``--redis-url`` nor ``$REDIS_URL`` is given.
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 
-#: Results one round trip of the acker records at most.
+#: Outcomes one round trip of the recorder records at most.
 MAX_ACK_BATCH = 64

@@ -25,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import FrameType, TracebackType
 from typing import Any, cast
 
+import attrs
 import redis
 from prometheus_client import CollectorRegistry
 
@@ -41,6 +42,7 @@ from semibot_queue.connection import (
 from semibot_queue.constants import BLOCKING_MARGIN
 from semibot_queue.errors import QueueError, QueueOutOfMemoryError
 from semibot_queue.keys import KeySpace
+from semibot_queue.limits import TimeLimiter
 from semibot_queue.metrics import Metrics
 from semibot_queue.models import TaskResult
 from semibot_queue.outcomes import Decider, Delivery, Handler, Outcome
@@ -147,7 +149,9 @@ class TaskConsumer:
             # The blocking pop has a connection of its own whose socket timeout leaves a
             # margin above QUEUE_POLL_TIMEOUT: a full wait is never taken for a dead link.
             self._pop_client = make_client(
-                self.redis_url, s, socket_timeout=s.queue_poll_timeout + BLOCKING_MARGIN
+                self.redis_url,
+                attrs.evolve(s, max_connections=1),  # one pop at a time
+                socket_timeout=s.queue_poll_timeout + BLOCKING_MARGIN,
             )
             self._pop_timeout = s.queue_poll_timeout
         else:
@@ -207,6 +211,11 @@ class TaskConsumer:
             for delivery in batch:
                 ready.put(delivery)
 
+        limiter = TimeLimiter(
+            f"semibot-queue-limits-{self.worker_id}",
+            stuck_after=self.settings.shutdown_timeout,
+            on_stuck=self._stuck,
+        )
         decider = Decider(
             self.handler,
             self.worker_id,
@@ -215,6 +224,7 @@ class TaskConsumer:
             self._codec,
             self.metrics,
             self._rand,
+            limiter,
         )
         self._decider = decider
         recorder = Recorder(
@@ -249,10 +259,12 @@ class TaskConsumer:
             fatal=self._fatal,
             check_health=self._check_health,
             interrupt_pop=self._interrupt_pop,
+            running=decider.running_now,
         )
         try:
             self._reconnect.call("register", watcher.beat)
             recorder.start()  # before the watcher, which checks that it runs
+            limiter.start()
             watcher.start()
             log.info(
                 "queue %s: worker %s started, %d slots",
@@ -268,6 +280,7 @@ class TaskConsumer:
             finally:
                 recorder.stop()
                 watcher.stop()
+                limiter.stop()
                 for _ in range(self.max_concurrent):
                     ready.put(None)  # each pool thread ends after its current task
                 executor.shutdown(wait=False)
@@ -353,6 +366,24 @@ class TaskConsumer:
             if loop.done() and not self._stopping.is_set():
                 self._fatal.set(QueueError(f"a pool thread ended: {loop.exception()!r}"))
 
+    def _stuck(self, task_id: str) -> None:
+        """Called by the time limiter: a handler ignored TaskTimeoutError for
+        SHUTDOWN_TIMEOUT (stuck in C code). Its slot is lost to this process: stop, and
+        exit non-zero for a restart; recovery takes the task (a lost delivery)."""
+        log.error(
+            "queue %s: task %s ignored its time limit for %.1fs (stuck outside Python?);"
+            " worker %s stops so that a restart frees its slot",
+            self.keys.queue,
+            task_id,
+            self.settings.shutdown_timeout,
+            self.worker_id,
+            extra=self._extra(task_id),
+        )
+        self._fatal.set(
+            QueueError(f"task {task_id} is stuck past its time limit; the worker must restart")
+        )
+        self._hurry.set()
+
     def _interrupt_pop(self) -> None:
         """Called by the watcher once stopping: end a blocking pop now, not in
         QUEUE_POLL_TIMEOUT. A task it took meanwhile is given back with the others."""
@@ -395,11 +426,11 @@ class TaskConsumer:
     def _take(self, scripts: Scripts, free: int) -> list[Delivery]:
         batch = scripts.fetch(self.inflight, free)
         if batch:
-            return [Delivery(stored, count) for stored, count in batch]
+            return batch
         one = self._pop()
         if one is None:
             return []
-        return [Delivery(one, scripts.counts(one))]
+        return [scripts.took(one)]
 
     def _pop(self) -> bytes | None:
         """BLMOVE one task, waiting up to QUEUE_POLL_TIMEOUT (cut short by ``stop()``)."""
@@ -441,7 +472,7 @@ class TaskConsumer:
             self._slots.taking.release()
         if len(missing) <= free:
             self._resync.clear()
-        return [Delivery(stored, scripts.counts(stored)) for stored in missing[:free]]
+        return [scripts.took(stored) for stored in missing[:free]]
 
     def _wait_for_slot(self) -> None:
         if self._slots.wait_free(self.settings.stop_poll_slice):

@@ -106,6 +106,24 @@ def _shown(codec: Codec, record_id: str, stored: bytes, raw: bytes | None) -> De
     return record
 
 
+class RetriedCount(int):
+    """What ``retry_all()`` returns: how many tasks went back on pending (an int, as
+    before), and ``stopped_early``: True when it stopped at a full queue, leaving
+    ``remaining`` records of the run in place (the one refused included)."""
+
+    stopped_early: bool
+    remaining: int
+
+    def __new__(cls, moved: int, *, remaining: int = 0) -> RetriedCount:
+        count = super().__new__(cls, moved)
+        count.remaining = remaining
+        count.stopped_early = remaining > 0
+        return count
+
+    def __repr__(self) -> str:
+        return f"RetriedCount({int(self)}, remaining={self.remaining})"
+
+
 class DeadLetterQueue:
     """Inspect, replay and delete the dead letters of one queue; also a context manager.
 
@@ -220,25 +238,39 @@ class DeadLetterQueue:
             # The record changed or went between read and write: read it again.
         raise QueueError(f"dead letter {record_or_task_id} kept changing; retry not done")
 
-    def retry_all(self) -> int:
-        """Retry every dead letter (oldest first); how many went back on pending.
+    def retry_all(self) -> RetriedCount:
+        """Retry every dead letter (oldest first), as many as fit; how many went back on
+        pending (an int).
 
-        A record whose task id is live again is left in place (logged); QueueFullError
-        ends the run.
+        A record whose task id is live again is left in place (logged) and the run goes
+        on. At a full queue the run stops (no QueueFullError): the count says how many
+        were moved, its ``stopped_early`` is True and ``remaining`` says how many records
+        of the run are left (the command line prints the count and exits 6).
         """
         ids = self._retry.call("dlq ids", lambda: self._client.zrange(self.keys.dead_index, 0, -1))
+        record_ids = [raw_id.decode() for raw_id in cast("list[bytes]", ids)]
         moved = 0
-        for raw_id in cast("list[bytes]", ids):
+        for done, record_id in enumerate(record_ids):
             try:
-                moved += self.retry(raw_id.decode())
+                moved += self.retry(record_id)
             except DuplicateTaskError as exc:
                 log.warning(
                     "queue %s: %s",
                     self.keys.queue,
                     exc,
-                    extra={"queue": self.keys.queue, "task_id": task_id_of_record(raw_id.decode())},
+                    extra={"queue": self.keys.queue, "task_id": task_id_of_record(record_id)},
                 )
-        return moved
+            except QueueFullError:
+                remaining = len(record_ids) - done
+                log.warning(
+                    "queue %s is full: retry_all stopped after %d dead letter(s), %d left",
+                    self.keys.queue,
+                    moved,
+                    remaining,
+                    extra={"queue": self.keys.queue, "task_id": task_id_of_record(record_id)},
+                )
+                return RetriedCount(moved, remaining=remaining)
+        return RetriedCount(moved)
 
     def delete(self, record_or_task_id: str) -> bool:
         """Delete that record (a task id: its newest record); whether it existed."""
@@ -274,9 +306,11 @@ class DeadLetterQueue:
             return None
         return read_record(self._client, self.keys, self._codec, record_id)
 
-    def _replay(self, record: DeadLetterRecord, token: str) -> tuple[bytes, tuple[str, str] | None]:
+    def _replay(
+        self, record: DeadLetterRecord, token: str
+    ) -> tuple[bytes, tuple[str, str, str] | None]:
         """The task to push again (retry and delivery counts reset, else the raw bytes)
-        and, for a task that parses, its marker (task id, token)."""
+        and, for a task that parses, its marker (task id, session id, token)."""
         if record.message is None:
             return raw_bytes(record), None
         message = self._codec.message_from_dict(record.message)
@@ -286,7 +320,7 @@ class DeadLetterQueue:
             delivery_count=0,
             last_error=f"{record.error_type}: {record.error}",
         )
-        return self._codec.encode_message(fresh), (fresh.task_id, token)
+        return self._codec.encode_message(fresh), (fresh.task_id, fresh.session_id, token)
 
     def _refused(self, moved: int, record: DeadLetterRecord) -> None:
         """Raise for a refused retry (full, live again); return for a raced one (0)."""

@@ -92,6 +92,16 @@ class KeySpace:
         return f"{self._tag}:releases"
 
     @property
+    def state(self) -> str:
+        """Hash: task id -> "pending" | "scheduled" | "running", while the task is live."""
+        return f"{self._tag}:state"
+
+    @property
+    def cancel(self) -> str:
+        """Hash: task id -> 1 when cancel() was asked for it and it has not ended yet."""
+        return f"{self._tag}:cancel"
+
+    @property
     def grace(self) -> str:
         """String: Redis time in ms before which no worker is declared dead (after an outage)."""
         return f"{self._tag}:grace"

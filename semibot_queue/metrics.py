@@ -6,6 +6,8 @@ created once per registry and every instance uses its ``queue`` label.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Any, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -15,19 +17,28 @@ from semibot_queue.constants import DURATION_BUCKETS
 M = TypeVar("M", Counter, Gauge, Histogram)
 
 #: Final statuses counted by ``semibot_queue_tasks_processed_total``.
-PROCESSED_STATUSES = ("succeeded", "failed", "retried", "dead_lettered")
+PROCESSED_STATUSES = ("succeeded", "failed", "retried", "dead_lettered", "cancelled", "timed_out")
+
+
+#: The metric families created in each registry, so that every producer and consumer of
+#: one registry shares them: prometheus-client has no public lookup of a registered
+#: collector. Weak keys: this holds nothing the caller does not hold itself.
+_FAMILIES: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, Any]] = (
+    weakref.WeakKeyDictionary()
+)
+_FAMILIES_LOCK = threading.Lock()
 
 
 def _metric(registry: CollectorRegistry, kind: type[M], name: str, doc: str, **kw: Any) -> M:
     labels = ["queue", *kw.pop("extra_labels", [])]
-    try:
-        return kind(name, doc, labels, registry=registry, **kw)
-    except ValueError:
-        # Already registered by another producer or consumer of this registry.
-        existing = registry._names_to_collectors[name]  # noqa: SLF001 - no public lookup
-        if not isinstance(existing, kind):
-            raise
-        return existing
+    with _FAMILIES_LOCK:
+        families = _FAMILIES.setdefault(registry, {})
+        if name not in families:
+            families[name] = kind(name, doc, labels, registry=registry, **kw)
+        family = families[name]
+    if not isinstance(family, kind):  # pragma: no cover - one kind per name in this module
+        raise TypeError(f"metric {name} is a {type(family).__name__}, not a {kind.__name__}")
+    return family
 
 
 class Metrics:

@@ -7,6 +7,7 @@ the field; they do no I/O. :mod:`semibot_queue.codec` turns them into JSON and b
 from __future__ import annotations
 
 import math
+import threading
 import uuid
 from typing import Any, Literal
 
@@ -18,6 +19,21 @@ from semibot_queue.keys import is_valid_name
 
 Status = Literal["succeeded", "failed", "cancelled"]
 STATUSES: tuple[Status, ...] = ("succeeded", "failed", "cancelled")
+
+#: Where a task is, as ``TaskProducer.status(task_id)`` answers (None: an id the queue does
+#: not know, or whose result has expired). ``pending``: waiting for a worker; ``scheduled``:
+#: waiting for its delay or its next retry; ``running``: taken by a worker; ``succeeded``,
+#: ``failed``, ``cancelled``: its result is stored; ``dead``: in the dead-letter queue.
+TaskStatus = Literal["pending", "scheduled", "running", "succeeded", "failed", "dead", "cancelled"]
+TASK_STATUSES: tuple[TaskStatus, ...] = (
+    "pending",
+    "scheduled",
+    "running",
+    "succeeded",
+    "failed",
+    "dead",
+    "cancelled",
+)
 
 #: Characters of a bad value shown in a validation error.
 _SHOWN_CHARS = 80
@@ -73,6 +89,21 @@ def _seconds(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
         raise InvalidTaskError(f"{attribute.name}: must be a finite number, got {_shown(value)}")
 
 
+def _time_limit(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise InvalidTaskError(
+            f"{attribute.name}: must be a finite number of seconds > 0, or None,"
+            f" got {_shown(value)}"
+        )
+
+
 def _optional_text(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is not None and not isinstance(value, str):
         raise InvalidTaskError(f"{attribute.name}: must be a string or None, got {_shown(value)}")
@@ -97,6 +128,8 @@ class TaskPayload:
     ``messages`` is a list of ``{"role": str, "content": str}``; ``config`` and
     ``metadata`` must be JSON-serialisable mappings. What is enqueued is checked again
     when it is encoded, so changing these after construction cannot smuggle anything in.
+    ``time_limit`` is this task's own limit in seconds (it travels with the task); None
+    means the worker's TASK_TIME_LIMIT.
     ``task_id`` comes first so that it leads the stored JSON, where Lua scripts find it
     with a plain search.
     """
@@ -108,6 +141,7 @@ class TaskPayload:
     messages: list[dict[str, str]] = attrs.field(validator=_messages)
     config: dict[str, Any] = attrs.field(factory=dict, validator=_mapping)
     metadata: dict[str, Any] = attrs.field(factory=dict, validator=_mapping)
+    time_limit: float | None = attrs.field(default=None, validator=_time_limit)
 
 
 @attrs.frozen(kw_only=True)
@@ -117,12 +151,29 @@ class TaskMessage(TaskPayload):
     ``retry_count`` counts retries after handler errors; ``delivery_count`` counts how
     many times a worker has taken the task (more than ``retry_count + 1`` means a
     worker died holding it); ``last_error`` is the error of the previous attempt.
+
+    ``cancel_requested()`` turns true while the handler runs when ``TaskProducer.cancel``
+    was called for the task: a handler that checks it can stop early (whatever it then
+    returns or raises, the task finishes ``cancelled``). The flag is not a field: it is
+    neither compared, shown, copied by ``attrs.evolve`` nor written to Redis.
     """
 
     enqueued_at: float = attrs.field(default=0.0, validator=_seconds)
     retry_count: int = attrs.field(default=0, validator=_count)
     delivery_count: int = attrs.field(default=0, validator=_count)
     last_error: str | None = attrs.field(default=None, validator=_optional_text)
+    _cancel: threading.Event = attrs.field(
+        factory=threading.Event, init=False, eq=False, repr=False
+    )
+
+    def cancel_requested(self) -> bool:
+        """Whether ``TaskProducer.cancel`` was asked for this task while it runs."""
+        return self._cancel.is_set()
+
+    def mark_cancel_requested(self) -> None:
+        """Set the flag ``cancel_requested()`` reads. Called by the worker (its watcher
+        sees the queue's cancel flag for a running task); handlers need not call it."""
+        self._cancel.set()
 
     @classmethod
     def from_payload(cls, payload: TaskPayload, enqueued_at: float) -> TaskMessage:

@@ -10,6 +10,7 @@ its outcome raises: a pool thread's loop cannot end on a task.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -18,25 +19,21 @@ import attrs
 
 from semibot_queue.backoff import Random, exponential_delay
 from semibot_queue.codec import Codec, describe_error, format_traceback, task_id_of
-from semibot_queue.errors import InvalidTaskError, PermanentTaskError
+from semibot_queue.constants import CANCELLED_ERROR
+from semibot_queue.errors import InvalidTaskError, PermanentTaskError, TaskTimeoutError
 from semibot_queue.keys import KeySpace
+from semibot_queue.limits import TimeLimiter
 from semibot_queue.metrics import Metrics
 from semibot_queue.models import DeadLetterRecord, TaskMessage, TaskResult
+from semibot_queue.scripts import Taken as Delivery
 from semibot_queue.settings import QueueSettings
 
 log = logging.getLogger("semibot_queue.consumer")
 
 Handler = Callable[[TaskMessage], Any]
-Kind = Literal["succeeded", "retry", "dead"]
+Kind = Literal["succeeded", "cancelled", "retry", "dead", "dropped"]
 
-
-@attrs.frozen
-class Delivery:
-    """A task as taken from Redis (``stored``, byte for byte) and how many of its earlier
-    deliveries were lost to dead workers or given back by stopping ones."""
-
-    stored: bytes
-    redelivered: int = 0
+__all__ = ["Decider", "Delivery", "Handler", "Outcome"]
 
 
 @attrs.frozen
@@ -74,6 +71,15 @@ class Decider:
     codec: Codec
     metrics: Metrics
     rand: Random
+    limiter: TimeLimiter | None = None
+    #: The messages running now, by task id (the watcher marks those whose cancel is asked).
+    running: dict[str, TaskMessage] = attrs.field(factory=dict)
+    _lock: threading.Lock = attrs.field(factory=threading.Lock)
+
+    def running_now(self) -> dict[str, TaskMessage]:
+        """A copy of the messages running now, by task id."""
+        with self._lock:
+            return dict(self.running)
 
     def decide(self, delivery: Delivery) -> Outcome:
         """Run ``delivery`` and return its outcome; never raises."""
@@ -111,21 +117,42 @@ class Decider:
             message = self.codec.decode_delivery(delivery.stored, delivery.redelivered)
         except InvalidTaskError as exc:
             return self.unrunnable(delivery, exc)
+        if delivery.cancelled:  # cancelled before it started: it never runs
+            return attrs.evolve(
+                self._cancelled(delivery, message, time.perf_counter()), kind="dropped"
+            )
+        limit = message.time_limit or self.settings.task_time_limit or None
+        with self._lock:
+            self.running[message.task_id] = message
         self.metrics.concurrent.inc()
         started = time.perf_counter()
         try:
-            value = self.handler(message)
+            value = self._call(message, limit)
+        except TaskTimeoutError:
+            self.metrics.processed["timed_out"].inc()
+            timeout = TaskTimeoutError(f"the handler ran past its time limit of {limit}s")
+            return self._failed(delivery, message, timeout, started, permanent=False)
         except PermanentTaskError as exc:
             return self._failed(delivery, message, exc, started, permanent=True)
         except BaseException as exc:  # noqa: BLE001 - BaseException included, it retries
             return self._failed(delivery, message, exc, started, permanent=False)
         finally:
             self.metrics.concurrent.dec()
+            with self._lock:
+                self.running.pop(message.task_id, None)
         return self._succeeded(delivery, message, value, started)
+
+    def _call(self, message: TaskMessage, limit: float | None) -> Any:
+        if self.limiter is None:
+            return self.handler(message)
+        with self.limiter.limit(message.task_id, limit):
+            return self.handler(message)
 
     def _succeeded(
         self, delivery: Delivery, message: TaskMessage, value: Any, started: float
     ) -> Outcome:
+        if message.cancel_requested():
+            return self._cancelled(delivery, message, started)
         duration = time.perf_counter() - started
         result = TaskResult(
             task_id=message.task_id,
@@ -161,6 +188,8 @@ class Decider:
         *,
         permanent: bool,
     ) -> Outcome:
+        if message.cancel_requested():
+            return self._cancelled(delivery, message, started)
         duration = time.perf_counter() - started
         self.metrics.duration.observe(duration)
         error = f"{type(exc).__name__}: {describe_error(exc)}"
@@ -202,6 +231,28 @@ class Decider:
             raw=delivery.stored,
             summary=f"{reason} after {record.attempts} attempt(s)",
             error=error,
+        )
+
+    def _cancelled(self, delivery: Delivery, message: TaskMessage, started: float) -> Outcome:
+        """The outcome of a task whose cancel was asked while it ran: it ends cancelled,
+        whatever its handler returned or raised."""
+        duration = time.perf_counter() - started
+        self.metrics.duration.observe(duration)
+        result = TaskResult(
+            task_id=message.task_id,
+            session_id=message.session_id,
+            status="cancelled",
+            error=CANCELLED_ERROR,
+            attempts=message.retry_count + 1,
+            duration_s=duration,
+            finished_at=time.time(),
+        )
+        return Outcome(
+            delivery=delivery,
+            task_id=message.task_id,
+            kind="cancelled",
+            result=self.codec.encode_result(result),
+            channel=self.keys.result_channel(message.session_id),
         )
 
     def _retry(self, delivery: Delivery, message: TaskMessage, error: str) -> Outcome:

@@ -42,6 +42,10 @@ T = TypeVar("T")
 _STOP = None
 
 
+#: Outcomes recorded by ack.lua: a result stored and published, the task finished.
+_ACKED = ("succeeded", "cancelled")
+
+
 def repeatable(exc: BaseException) -> bool:
     """Whether a write that raised ``exc`` is worth repeating: Redis unreachable or busy
     (nothing ran), or out of memory for now (a write refused whole)."""
@@ -166,9 +170,9 @@ class Recorder:
                 self.fatal.set(QueueError(f"recording outcomes failed: {exc!r}"))
 
     def _flush(self, batch: list[Outcome]) -> None:
-        successes = [o for o in batch if o.kind == "succeeded"]
+        successes = [o for o in batch if o.kind in _ACKED]
         for outcome in batch:
-            if outcome.kind != "succeeded":
+            if outcome.kind not in _ACKED:
                 self._record_failure(outcome)
                 self.slots.finish(outcome.delivery.stored)
         take = 0 if self.stopping.is_set() else self.slots.reserve(freed=len(successes))
@@ -201,7 +205,7 @@ class Recorder:
         """Record ``successes`` and take ``take`` tasks; the recorded and the taken."""
         acks = [(o.delivery.stored, o.task_id, o.result, o.channel) for o in successes]
 
-        def write(attempt: int) -> tuple[list[int], list[tuple[bytes, int]]]:
+        def write(attempt: int) -> tuple[list[int], list[Delivery]]:
             if attempt > 1 and take:
                 lost_reply()
             return self.scripts.ack(
@@ -224,10 +228,10 @@ class Recorder:
             return [o.delivery.stored for o in successes], []
         for outcome, flag in zip(successes, flags, strict=True):
             if flag:
-                self.metrics.processed["succeeded"].inc()
+                self.metrics.processed[outcome.kind].inc()
             else:
                 self._gone(outcome)
-        return [o.delivery.stored for o in successes], [Delivery(s, n) for s, n in taken]
+        return [o.delivery.stored for o in successes], taken
 
     # --- retries and dead letters ------------------------------------------------------
 
@@ -247,6 +251,22 @@ class Recorder:
 
     def _write_failure(self, outcome: Outcome) -> None:
         stored = outcome.delivery.stored
+        if outcome.kind == "dropped":
+            result = (outcome.result, outcome.channel, self.settings.result_ttl)
+            dropped = self._write(
+                outcome.task_id,
+                "drop",
+                lambda _: self.scripts.drop(self._inflight, stored, outcome.task_id, result),
+            )
+            if dropped:
+                self.metrics.processed["cancelled"].inc()
+                log.info(
+                    "queue %s: task %s was cancelled before it started; dropped",
+                    self.keys.queue,
+                    outcome.task_id,
+                    extra=self._extra(outcome.task_id),
+                )
+            return
         if outcome.kind == "retry":
             done = self._write(
                 outcome.task_id,

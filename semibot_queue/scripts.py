@@ -14,11 +14,17 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any, Literal
 
+import attrs
 import redis
 
 from semibot_queue.codec import task_id_of
 from semibot_queue.connection import Client, check_client, is_transient
-from semibot_queue.constants import IDLE_SCRIPT_CONNECTIONS, MAINTENANCE_BATCH, MAX_NAME_LENGTH
+from semibot_queue.constants import (
+    DEAD_LETTER_ID_SEPARATOR,
+    IDLE_SCRIPT_CONNECTIONS,
+    MAINTENANCE_BATCH,
+    MAX_NAME_LENGTH,
+)
 from semibot_queue.keys import KeySpace, is_valid_name
 
 #: Prelude defining task_id_of(), key_of() and counts_of() (see its header).
@@ -155,6 +161,23 @@ class _Connections:
             self._free.release()
 
 
+@attrs.frozen
+class Taken:
+    """A task a worker just took: its bytes, its earlier deliveries lost to dead workers or
+    given back, and whether its cancel was asked before it started."""
+
+    stored: bytes
+    redelivered: int = 0
+    cancelled: bool = False
+
+
+def _taken(moved: list[bytes], counts: list[int], cancelled: list[int]) -> list[Taken]:
+    return [
+        Taken(stored, int(n), bool(flag))
+        for stored, n, flag in zip(moved, counts, cancelled, strict=True)
+    ]
+
+
 class Scripts:
     """All scripts of one queue, bound to one client and key space."""
 
@@ -171,11 +194,12 @@ class Scripts:
         self._fetch = register(load_source(TASK_ID_PRELUDE, "fetch"))
         self._ack = register(load_source(TASK_ID_PRELUDE, "ack"))
         self._counts = register(load_source(TASK_ID_PRELUDE, "counts"))
+        self._drop = register(load_source("drop"))
         self._adopt = register(load_source("adopt"))
-        self._retry = register(load_source("retry"))
+        self._retry = register(load_source(TASK_ID_PRELUDE, "retry"))
         self._dead_letter = register(load_source(DEAD_LETTER_PRELUDE, "dead_letter"))
         self._trim_dead = register(load_source(DEAD_LETTER_PRELUDE, "trim_dead"))
-        self._promote = register(load_source("promote"))
+        self._promote = register(load_source(TASK_ID_PRELUDE, "promote"))
         self._heartbeat = register(load_source("heartbeat"))
         self._recover = register(load_source(TASK_ID_PRELUDE, DEAD_LETTER_PRELUDE, "recover"))
         self._release = register(load_source(TASK_ID_PRELUDE, "release"))
@@ -183,70 +207,104 @@ class Scripts:
         self._dlq_delete = register(load_source(DEAD_LETTER_PRELUDE, "dlq_delete"))
         self._dlq_purge = register(load_source(DEAD_LETTER_PRELUDE, "dlq_purge"))
         self._publish_result = register(load_source("publish_result"))
+        self._status = register(load_source("status"))
+        self._cancel = register(load_source("cancel"))
 
     def close(self) -> None:
         """Give every connection the scripts took back to the client's pool."""
         self._connections.close()
 
     def enqueue(
-        self, tasks: list[tuple[str, bytes]], max_length: int, marker_ttl: int, token: str
-    ) -> tuple[int, list[int]]:
-        """Push ``(task id, task)`` pairs, oldest first, all or none, each id marked as
-        accepted for ``marker_ttl`` seconds with this call's ``token``.
+        self,
+        tasks: Sequence[tuple[str, str, bytes]],
+        limits: tuple[int, int],
+        token: str,
+        delay_ms: int | None = None,
+    ) -> tuple[int, int, list[int]]:
+        """Put ``(task id, session id, task)`` triples, oldest first, all or none, on
+        pending (or, with ``delay_ms``, into the scheduled set, due that much later by
+        Redis's clock), each id marked as accepted with this call's ``token`` and its
+        state set. ``limits`` is (MAX_QUEUE_LENGTH, IDEMPOTENCY_TTL in seconds); pending
+        plus scheduled tasks count against MAX_QUEUE_LENGTH.
 
-        Returns ``(new pending length, [])``, ``(-1, [])`` when the tasks do not fit, or
-        ``(-2, positions)`` (0-based) of tasks whose id is still live; nothing is written
-        then. A repeat of the same call (same token, after a lost reply) writes nothing.
+        Returns ``(pending length, scheduled length, [])``, ``(-1, 0, [])`` when the tasks
+        do not fit, or ``(-2, 0, positions)`` (0-based) of tasks whose id is still live;
+        nothing is written then. A repeat of the same call (same token, after a lost
+        reply) writes nothing.
         """
-        keys = [self._keys.pending] + [self._keys.accepted(task_id) for task_id, _ in tasks]
-        args = [max_length, marker_ttl, token, *(t for _, t in tasks)]
-        status, *positions = self._enqueue(keys=keys, args=args)
-        return int(status), [int(p) - 1 for p in positions]
+        k = self._keys
+        keys = [k.pending, k.scheduled, k.state, k.cancel]
+        args: list[Any] = [*limits, token, b"" if delay_ms is None else delay_ms]
+        for task_id, session_id, task in tasks:
+            keys += [k.accepted(task_id), k.result(task_id)]
+            args += [task, task_id, session_id]
+        status, *rest = self._enqueue(keys=keys, args=args)
+        if status < 0:
+            return int(status), 0, [int(p) - 1 for p in rest]
+        return int(status), int(rest[0]), []
 
     def clear(self, batch: int, max_bytes: int) -> tuple[int, int]:
         """Delete up to ``batch`` pending tasks, oldest first, stopping after ``max_bytes``,
         with their idempotency markers and delivery counts: (deleted, still pending)."""
         k = self._keys
-        keys = [k.pending, k.crashes, k.releases]
+        keys = [k.pending, k.crashes, k.releases, k.state, k.cancel]
         args = [batch, max_bytes, k.accepted_prefix, MAX_NAME_LENGTH]
         deleted, left = self._clear(keys=keys, args=args)
         return int(deleted), int(left)
 
-    def fetch(self, inflight: str, count: int) -> list[tuple[bytes, int]]:
-        """Move up to ``count`` pending tasks into ``inflight``, oldest first; each with
-        its earlier deliveries lost to dead workers or given back."""
-        keys = [self._keys.pending, inflight, self._keys.crashes, self._keys.releases]
-        moved, counts = self._fetch(keys=keys, args=[count, MAX_NAME_LENGTH])
-        return list(zip(moved, (int(n) for n in counts), strict=True))
+    def fetch(self, inflight: str, count: int) -> list[Taken]:
+        """Move up to ``count`` pending tasks into ``inflight``, oldest first, each now
+        running; each with its earlier deliveries lost to dead workers or given back, and
+        whether its cancel was asked."""
+        k = self._keys
+        keys = [k.pending, inflight, k.crashes, k.releases, k.state, k.cancel]
+        moved, counts, cancelled = self._fetch(keys=keys, args=[count, MAX_NAME_LENGTH])
+        return _taken(moved, counts, cancelled)
 
-    def counts(self, stored: bytes) -> int:
-        """Earlier deliveries of ``stored`` lost to dead workers or given back."""
-        keys = [self._keys.crashes, self._keys.releases]
-        return int(self._counts(keys=keys, args=[stored, MAX_NAME_LENGTH]))
+    def took(self, stored: bytes) -> Taken:
+        """The bookkeeping of ``stored``, taken by a plain BLMOVE: it is now running; its
+        earlier deliveries lost or given back and whether its cancel was asked."""
+        k = self._keys
+        keys = [k.crashes, k.releases, k.state, k.cancel]
+        count, cancelled = self._counts(keys=keys, args=[stored, MAX_NAME_LENGTH])
+        return Taken(stored, int(count), bool(cancelled))
+
+    def drop(
+        self, inflight: str, stored: bytes, task_id: str, result: tuple[bytes, str, int]
+    ) -> bool:
+        """Take ``stored``, whose cancel was asked before it ran, out of ``inflight`` with
+        its bookkeeping, storing and publishing ``result`` (cancelled result JSON,
+        channel, ttl) unless a result is stored already; False if it was no longer in
+        flight."""
+        k = self._keys
+        payload, channel, ttl = result
+        keys = [inflight, k.crashes, k.releases, k.state, k.cancel]
+        keys += [k.result(task_id), k.accepted(task_id)]
+        return bool(self._drop(keys=keys, args=[stored, task_id_of(stored), payload, ttl, channel]))
 
     def ack(
         self, inflight: str, ttl: int, acks: list[tuple[bytes, str, bytes, str]], take: int = 0
-    ) -> tuple[list[int], list[tuple[bytes, int]]]:
+    ) -> tuple[list[int], list[Taken]]:
         """Finish tasks given as ``(stored task, task id, result JSON, channel)``, then take
         up to ``take`` pending tasks into ``inflight``.
 
         Returns a flag per finished task (1 recorded, 0 already recovered) and the taken
-        tasks, each with its earlier lost or given-back deliveries.
+        tasks, as :meth:`fetch` returns them.
         """
         k = self._keys
-        keys = [inflight, k.pending, k.crashes, k.releases]
+        keys = [inflight, k.pending, k.crashes, k.releases, k.state, k.cancel]
         args: list[Any] = [ttl, take, MAX_NAME_LENGTH]
         for stored, task_id, result, channel in acks:
             keys += [k.result(task_id), k.accepted(task_id)]
             args += [stored, result, channel, task_id]
-        flags, taken, counts = self._ack(keys=keys, args=args)
-        pairs = list(zip(taken, (int(n) for n in counts), strict=True))
-        return [int(flag) for flag in flags], pairs
+        flags, moved, counts, cancelled = self._ack(keys=keys, args=args)
+        return [int(flag) for flag in flags], _taken(moved, counts, cancelled)
 
     def retry(self, inflight: str, stored: bytes, next_task: bytes, delay_ms: int) -> bool:
         """Schedule ``next_task`` in ``delay_ms``; False if ``stored`` was no longer in flight."""
-        keys = [inflight, self._keys.scheduled]
-        return bool(self._retry(keys=keys, args=[stored, next_task, delay_ms]))
+        keys = [inflight, self._keys.scheduled, self._keys.state]
+        args = [stored, next_task, delay_ms, task_id_of(stored)]
+        return bool(self._retry(keys=keys, args=args))
 
     def dead_letter(
         self,
@@ -269,7 +327,7 @@ class Scripts:
             task_id = "raw-" + hashlib.sha1(stored, usedforsecurity=False).hexdigest()
         k = self._keys
         keys = [inflight, *self._dead_keys(), k.crashes, k.releases, k.accepted(task_id)]
-        keys.append(k.result(task_id))
+        keys += [k.result(task_id), k.state, k.cancel]
         payload, channel, ttl = result if result is not None else (b"", "", 0)
         if raw is None:
             raw, keep = b"", b"0"
@@ -293,9 +351,9 @@ class Scripts:
         return [k.dead, k.dead_index, k.dead_ids, k.dead_raw, k.dead_seq]
 
     def promote(self, batch: int, max_length: int) -> int:
-        """Move due retries to pending, as many as fit; how many moved."""
-        keys = [self._keys.scheduled, self._keys.pending]
-        return int(self._promote(keys=keys, args=[batch, max_length]))
+        """Move due retries and delayed tasks to pending, as many as fit; how many moved."""
+        keys = [self._keys.scheduled, self._keys.pending, self._keys.state]
+        return int(self._promote(keys=keys, args=[batch, max_length, MAX_NAME_LENGTH]))
 
     def heartbeat(self, worker_id: str, *, outage_ms: int, grace_ms: int) -> tuple[int, int, int]:
         """Mark ``worker_id`` alive now: (Redis time in ms, 1 if it was not registered,
@@ -333,6 +391,8 @@ class Scripts:
             k.releases,
             k.grace,
             *self._dead_keys(),
+            k.state,
+            k.cancel,
         ]
         args = [
             worker_id,
@@ -356,7 +416,7 @@ class Scripts:
         """Give back a stopping worker's tasks, ``budget`` bytes of bodies per script call;
         how many could not be given back (pending is full)."""
         k = self._keys
-        keys = [k.workers, k.inflight(worker_id), k.pending, k.releases]
+        keys = [k.workers, k.inflight(worker_id), k.pending, k.releases, k.state]
         args = [worker_id, max_length, MAX_NAME_LENGTH, budget]
         while True:
             left, moved = (int(n) for n in self._release(keys=keys, args=args))
@@ -369,22 +429,27 @@ class Scripts:
         seen: bytes,
         task: bytes,
         limits: tuple[int, int],
-        marker: tuple[str, str] | None,
+        marker: tuple[str, str, str] | None,
     ) -> int:
         """Push ``task`` back on pending and remove record ``record_id``, if it is still
         ``seen``. ``limits`` is (MAX_QUEUE_LENGTH, IDEMPOTENCY_TTL); ``marker`` is
-        (task id, this call's token) for a task that parses, None for raw bytes.
+        (task id, session id, this call's token) for a task that parses (its state becomes
+        pending, its old result goes), None for raw bytes.
 
         1 requeued (also by an earlier try of this same call), 0 record gone or changed
-        since read, -1 pending list full, -2 the task id is live again.
+        since read, -1 queue full (pending plus scheduled), -2 the task id is live again.
         """
         max_length, marker_ttl = limits
+        k = self._keys
         if marker is None:
-            mark, marker_key, token = b"0", self._keys.dead_seq, ""
+            mark, task_id, state, token = b"0", "", "", ""
+            marker_key, result_key = k.dead_seq, k.dead_seq  # unused, in the queue's slot
         else:
-            mark, marker_key, token = b"1", self._keys.accepted(marker[0]), marker[1]
-        keys = [*self._dead_keys(), self._keys.pending, marker_key]
-        args = [record_id, seen, task, max_length, marker_ttl, mark, token]
+            task_id, session_id, token = marker
+            mark, state = b"1", f"pending {session_id}"
+            marker_key, result_key = k.accepted(task_id), k.result(task_id)
+        keys = [*self._dead_keys(), k.pending, marker_key, k.state, result_key, k.scheduled]
+        args = [record_id, seen, task, max_length, marker_ttl, mark, token, task_id, state]
         return int(self._dlq_retry(keys=keys, args=args))
 
     def dlq_delete(self, record_id: str) -> bool:
@@ -400,6 +465,28 @@ class Scripts:
         """Store and publish a final result; how many waiters got it."""
         keys = [self._keys.result(task_id)]
         return int(self._publish_result(keys=keys, args=[result, ttl, channel]))
+
+    def status(self, task_id: str) -> str | None:
+        """The status word of ``task_id`` (see status.lua), None for an unknown task."""
+        k = self._keys
+        keys = [k.result(task_id), k.state, k.dead_ids, k.dead]
+        word = self._status(keys=keys, args=[task_id, DEAD_LETTER_ID_SEPARATOR])
+        return None if word is None else _text(word)
+
+    def cancel(
+        self, task_id: str, seen_state: bytes, session_id: str, result: bytes, ttl: int
+    ) -> int:
+        """Cancel ``task_id`` if it is still live (see cancel.lua). ``seen_state`` is the
+        state value read before, ``result`` the cancelled result built for its session
+        ``session_id``, published on that session's channel.
+
+        1 cancelled before it ran (the result stored and published), 2 asked to stop
+        while running, 0 not live, -1 its state changed since read (read it again).
+        """
+        k = self._keys
+        keys = [k.state, k.cancel, k.result(task_id), k.accepted(task_id)]
+        args = [task_id, seen_state, result, ttl, k.result_channel(session_id)]
+        return int(self._cancel(keys=keys, args=args))
 
 
 def _text(value: bytes | str) -> str:

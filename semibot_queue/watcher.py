@@ -24,7 +24,7 @@ from semibot_queue.constants import ADOPT_EVERY, WATCHER_TICK
 from semibot_queue.errors import QueueError
 from semibot_queue.keys import KeySpace
 from semibot_queue.metrics import Metrics
-from semibot_queue.models import TaskResult
+from semibot_queue.models import TaskMessage, TaskResult
 from semibot_queue.recorder import Fatal, repeatable
 from semibot_queue.scripts import Scripts
 from semibot_queue.settings import QueueSettings
@@ -47,6 +47,7 @@ class Watcher:
     fatal: Fatal = attrs.field(factory=Fatal)
     check_health: Callable[[], None] = lambda: None
     interrupt_pop: Callable[[], None] = lambda: None
+    running: Callable[[], dict[str, TaskMessage]] = dict
     clock: Callable[[], float] = time.monotonic
     _stop: threading.Event = attrs.field(factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -129,12 +130,37 @@ class Watcher:
             return
         self._next_beat = self.clock() + s.heartbeat_interval
         self.beat()
+        self.pass_on_cancels()
         self._beats += 1
         if self._beats % ADOPT_EVERY == 1:
             self.adopt_orphan_lists()
         self.recover_dead_workers()
         self.trim_dead_letters()
         self.refresh_gauges()
+
+    def pass_on_cancels(self) -> list[str]:
+        """Tell the running handlers whose cancel was asked (``cancel_requested()``)."""
+        running = self.running()
+        if not running:
+            return []
+        ids = list(running)
+        flags = self.client.hmget(self.keys.cancel, ids)
+        asked = [task_id for task_id, flag in zip(ids, flags, strict=True) if flag is not None]
+        for task_id in asked:
+            message = running[task_id]
+            if not message.cancel_requested():
+                message.mark_cancel_requested()
+                log.info(
+                    "queue %s: task %s asked to stop (cancelled while running)",
+                    self.keys.queue,
+                    task_id,
+                    extra={
+                        "queue": self.keys.queue,
+                        "task_id": task_id,
+                        "worker_id": self.worker_id,
+                    },
+                )
+        return asked
 
     def trim_dead_letters(self) -> None:
         """Evict dead letters past their TTL or bound, logging and counting each one."""

@@ -913,19 +913,23 @@ class TestTranslate:
         assert not is_transient(AuthenticationError("x"))
 
 
+class RecordingEvent(threading.Event):
+    """A stop event that records each wait asked of it and returns at once."""
+
+    def __init__(self, waits: list[float]) -> None:
+        super().__init__()
+        self.waits = waits
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(0.0 if timeout is None else timeout)
+        return self.is_set()
+
+
 class TestReconnector:
     """Only transient errors are retried; the rest come out translated at once."""
 
     def reconnector(self, waits: list[float]) -> Reconnector:
-        stop = threading.Event()
-        original = stop.wait
-
-        def wait(timeout: float | None = None) -> bool:
-            waits.append(timeout or 0.0)
-            return original(0)
-
-        stop.wait = wait  # type: ignore[method-assign]
-        return Reconnector("redis://:s3cr3t@h:1/0", "q", QUICK_RETRY, stop=stop)
+        return Reconnector("redis://:s3cr3t@h:1/0", "q", QUICK_RETRY, stop=RecordingEvent(waits))
 
     @pytest.mark.parametrize(
         ("error", "expected"),

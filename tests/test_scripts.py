@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +27,7 @@ from semibot_queue.codec import Codec, task_id_of
 from semibot_queue.constants import MAX_NAME_LENGTH
 from semibot_queue.dead_letter import raw_bytes, read_record
 from semibot_queue.keys import KeySpace
-from semibot_queue.scripts import DEAD_LETTER_PRELUDE, TASK_ID_PRELUDE, Scripts, load_source
+from semibot_queue.scripts import DEAD_LETTER_PRELUDE, TASK_ID_PRELUDE, Scripts, Taken, load_source
 
 #: How long a test waits for a pub/sub message that must arrive.
 MESSAGE_DEADLINE_S = 5.0
@@ -47,9 +46,11 @@ def task(n: int | str) -> bytes:
 
 
 def push(scripts: Scripts, tasks: list[bytes], max_length: int, call: str = "call-0") -> int:
-    """enqueue.lua on stored tasks, each id marked with the token ``call`` for a minute: the
-    new length, -1 (full) or -2 (an id live under another call's token)."""
-    status, _ = scripts.enqueue([(task_id_of(t), t) for t in tasks], max_length, 60, call)
+    """enqueue.lua on stored tasks, each id marked with the token ``call`` for a minute and
+    its state "pending <its session>": the new pending length, -1 (full) or -2 (an id live
+    under another call's token)."""
+    triples = [(task_id_of(t), json.loads(t)["session_id"], t) for t in tasks]
+    status, _, _ = scripts.enqueue(triples, (max_length, 60), call)
     return status
 
 
@@ -124,7 +125,7 @@ def register_dead_worker(client: redis.Redis[bytes], worker: str, *tasks: bytes)
 
 def take_all(scripts: Scripts, worker: str = "taker") -> list[bytes]:
     """Every pending task, oldest first, as fetch.lua hands them out (without their counts)."""
-    return [body for body, _ in scripts.fetch(KEYS.inflight(worker), 1000)]
+    return [taken.stored for taken in scripts.fetch(KEYS.inflight(worker), 1000)]
 
 
 def dead_letter_prelude() -> str:
@@ -149,12 +150,14 @@ class TestScriptFiles:
         assert LUA_NAMES == [
             "ack",
             "adopt",
+            "cancel",
             "clear",
             "counts",
             "dead_letter",
             "dlq_delete",
             "dlq_purge",
             "dlq_retry",
+            "drop",
             "enqueue",
             "fetch",
             "heartbeat",
@@ -165,6 +168,7 @@ class TestScriptFiles:
             "recover",
             "release",
             "retry",
+            "status",
             "trim_dead",
         ]
 
@@ -183,45 +187,60 @@ class TestScriptFiles:
 
 
 class TestScriptConnections:
-    """Scripts run on one pooled connection per thread, reload after a flush, and give back."""
+    """Scripts reload after a flush and borrow a pooled connection for each call, keeping a
+    few between calls until close gives them back (the details: test_connection.py)."""
 
     def test_a_script_that_redis_forgot_is_loaded_again(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        assert push(scripts, [task(1)], max_length=10) == 1
+        redis_client.lpush(KEYS.pending, task(1), task(2))
+        assert scripts.fetch(KEYS.inflight("w1"), 1) == [Taken(task(1))]
         redis_client.script_flush()
-        assert push(scripts, [task(2)], max_length=10) == 2
+        assert scripts.fetch(KEYS.inflight("w1"), 1) == [Taken(task(2))]
 
-    def test_a_dropped_connection_fails_one_call_and_the_next_call_reconnects(
-        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    # Was "a dropped connection fails one call": the connection kept between calls is now
+    # checked before it is used, so a connection the server closed meanwhile fails nothing.
+    def test_a_connection_killed_while_kept_between_calls_is_replaced_before_the_next(
+        self, redis_url: str, redis_client: redis.Redis[bytes]
     ) -> None:
-        push(scripts, [task(1)], max_length=10)
-        # Other tests may leave idle clients on the shared server: ours is among those killed.
-        assert redis_client.client_kill_filter(_type="normal", skipme=True) >= 1
-        with pytest.raises(redis.ConnectionError):
-            push(scripts, [task(2)], max_length=10)
-        assert push(scripts, [task(3)], max_length=10) == 2
-        assert take_all(scripts) == [task(1), task(3)]
+        def client_ids() -> set[str]:
+            return {str(c["id"]) for c in redis_client.client_list()}
 
-    def test_each_thread_keeps_one_connection_until_close_gives_them_all_back(
-        self, redis_url: str
-    ) -> None:
-        pool = redis.ConnectionPool.from_url(redis_url, max_connections=2)
-        client = redis.Redis(connection_pool=pool)
+        redis_client.lpush(KEYS.pending, task(1), task(2))
+        before = client_ids()
+        client = redis.Redis.from_url(redis_url)
         bound = Scripts(client, KEYS)
         try:
-            push(bound, [task(1)], max_length=10)
-            push(bound, [task(2)], max_length=10)  # the same thread reuses its connection
-            assert client.ping() is True
-            other = threading.Thread(target=bound.fetch, args=(KEYS.inflight("w1"), 1))
-            other.start()
-            other.join()
-            with pytest.raises(redis.ConnectionError, match="Too many connections"):
-                client.ping()
-            bound.close()
-            assert client.ping() is True
-            assert bound.fetch(KEYS.inflight("w1"), 5) == [task(2)]
+            assert bound.fetch(KEYS.inflight("w1"), 1) == [Taken(task(1))]
+            (ours,) = client_ids() - before  # kept for the next call
+            assert redis_client.client_kill_filter(_id=ours) == 1
+            deadline = time.monotonic() + MESSAGE_DEADLINE_S
+            while ours in client_ids():
+                assert time.monotonic() < deadline, "the server never closed the connection"
+                time.sleep(0.01)
+            assert bound.fetch(KEYS.inflight("w1"), 1) == [Taken(task(2))]
         finally:
+            bound.close()
+            client.close()
+
+    def test_close_gives_the_connections_kept_between_calls_back_to_the_pool(
+        self, redis_url: str
+    ) -> None:
+        # A pool of four: the scripts keep one connection between calls (a quarter).
+        pool = redis.ConnectionPool.from_url(redis_url, max_connections=4)
+        client = redis.Redis(connection_pool=pool)
+        bound = Scripts(client, KEYS)
+        others: list[Any] = []
+        try:
+            assert bound.fetch(KEYS.inflight("w1"), 1) == []
+            others += [pool.get_connection() for _ in range(3)]
+            with pytest.raises(redis.ConnectionError, match="Too many connections"):
+                pool.get_connection()
+            bound.close()
+            others.append(pool.get_connection())
+        finally:
+            for connection in others:
+                pool.release(connection)
             bound.close()
             client.close()
 
@@ -429,6 +448,33 @@ class TestClear:
         print(f"clear of 1 MB: max {max(durations)} us, total {sum(durations)} us")
 
 
+# --- a task's state and cancel flag (issue 9) ------------------------------------------------
+
+#: A body as the Semibot runtime pushes it, raw: no state entry, a nested "task_id" first.
+RUNTIME_BODY = b'{"session_id": "s", "config": {"task_id": 7}, "task_id" : "rt-1"}'
+
+
+def with_state(client: redis.Redis[bytes], status: str, *ns: int | str) -> None:
+    """Task ``t<n>`` of each ``n`` in ``status`` with the session ``s-<n>``, as enqueue and
+    every later transition write it: "<status> <session id>"."""
+    client.hset(KEYS.state, mapping={f"t{n}": f"{status} s-{n}" for n in ns})
+
+
+def states(client: redis.Redis[bytes]) -> dict[str, str]:
+    """The state hash: task id -> "<status> <session id>"."""
+    return {k.decode(): v.decode() for k, v in client.hgetall(KEYS.state).items()}
+
+
+def ask_cancel(client: redis.Redis[bytes], *ns: int | str) -> None:
+    """The cancel of task ``t<n>`` of each ``n`` was asked, as cancel.lua flags it."""
+    client.hset(KEYS.cancel, mapping={f"t{n}": 1 for n in ns})
+
+
+def cancels(client: redis.Redis[bytes]) -> set[str]:
+    """The task ids whose cancel flag is set."""
+    return {k.decode() for k in client.hkeys(KEYS.cancel)}
+
+
 class TestFetch:
     """fetch moves up to N pending tasks into a worker's in-flight list, oldest first, each
     with its earlier deliveries lost to dead workers or given back."""
@@ -437,16 +483,16 @@ class TestFetch:
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
         push(scripts, [task(i) for i in range(5)], max_length=10)
-        assert scripts.fetch(KEYS.inflight("w1"), 2) == [(task(0), 0), (task(1), 0)]
+        assert scripts.fetch(KEYS.inflight("w1"), 2) == [Taken(task(0)), Taken(task(1))]
         assert redis_client.lrange(KEYS.inflight("w1"), 0, -1) == [task(1), task(0)]
-        assert scripts.fetch(KEYS.inflight("w1"), 2) == [(task(2), 0), (task(3), 0)]
+        assert scripts.fetch(KEYS.inflight("w1"), 2) == [Taken(task(2)), Taken(task(3))]
         assert redis_client.llen(KEYS.pending) == 1
 
     def test_fetch_takes_what_there_is_when_asked_for_more(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
         push(scripts, [task(1), task(2)], max_length=10)
-        assert scripts.fetch(KEYS.inflight("w1"), 10) == [(task(1), 0), (task(2), 0)]
+        assert scripts.fetch(KEYS.inflight("w1"), 10) == [Taken(task(1)), Taken(task(2))]
         assert redis_client.exists(KEYS.pending) == 0
 
     def test_fetch_from_an_empty_queue_returns_nothing_and_writes_nothing(
@@ -466,8 +512,8 @@ class TestFetch:
         push(scripts, [task(i) for i in range(4)], max_length=10)
         first = scripts.fetch(KEYS.inflight("w1"), 3)
         second = scripts.fetch(KEYS.inflight("w2"), 3)
-        assert first == [(task(0), 0), (task(1), 0), (task(2), 0)]
-        assert second == [(task(3), 0)]
+        assert first == [Taken(task(0)), Taken(task(1)), Taken(task(2))]
+        assert second == [Taken(task(3))]
 
     def test_each_redelivered_task_comes_with_its_lost_and_given_back_deliveries(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
@@ -478,10 +524,10 @@ class TestFetch:
         redis_client.hset(KEYS.releases, mapping={"t1": 1, "t2": 4})
         counts = (redis_client.hgetall(KEYS.crashes), redis_client.hgetall(KEYS.releases))
         assert scripts.fetch(KEYS.inflight("w1"), 10) == [
-            (task(1), 3),
-            (task(2), 4),
-            (garbage, 1),
-            (task(3), 0),
+            Taken(task(1), 3),
+            Taken(task(2), 4),
+            Taken(garbage, 1),
+            Taken(task(3)),
         ]
         # Taking a task is no outcome: its counts stay until it finishes.
         assert (redis_client.hgetall(KEYS.crashes), redis_client.hgetall(KEYS.releases)) == counts
@@ -492,14 +538,73 @@ class TestFetch:
     ) -> None:
         redis_client.hset(getattr(KEYS, kept_in), "t1", 2)
         redis_client.lpush(KEYS.pending, task(1), task(2))
-        assert scripts.fetch(KEYS.inflight("w1"), 2) == [(task(1), 2), (task(2), 0)]
+        assert scripts.fetch(KEYS.inflight("w1"), 2) == [Taken(task(1), 2), Taken(task(2))]
 
     def test_counts_are_zero_when_no_task_was_ever_redelivered(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
         redis_client.lpush(KEYS.pending, task(1), b"not json")
-        assert scripts.fetch(KEYS.inflight("w1"), 2) == [(task(1), 0), (b"not json", 0)]
+        assert scripts.fetch(KEYS.inflight("w1"), 2) == [Taken(task(1)), Taken(b"not json")]
         assert redis_client.exists(KEYS.crashes, KEYS.releases) == 0
+
+    # Issue 9: status() answers "running" for a task a worker took; the session enqueue
+    # wrote is what a cancelled or failed result is published to later.
+    def test_each_taken_task_becomes_running_keeping_the_session_written_at_enqueue(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        redis_client.lpush(KEYS.pending, task(1), task(2), task(3))
+        with_state(redis_client, "pending", 1, 2, 3)
+        with_state(redis_client, "running", "other")
+        scripts.fetch(KEYS.inflight("w1"), 2)
+        assert states(redis_client) == {
+            "t1": "running s-1",
+            "t2": "running s-2",
+            "t3": "pending s-3",
+            "tother": "running s-other",
+        }
+
+    def test_the_session_enqueue_wrote_is_the_one_a_taken_task_keeps(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        bodies = [json.dumps({"task_id": f"t{n}", "session_id": f"s-{n}"}).encode() for n in (1, 2)]
+        push(scripts, bodies, max_length=10)
+        scripts.fetch(KEYS.inflight("w1"), 1)
+        assert states(redis_client) == {"t1": "running s-1", "t2": "pending s-2"}
+
+    def test_the_cancel_flag_of_each_taken_task_is_reported_and_kept(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        redis_client.lpush(KEYS.pending, task(1), task(2), task(3))
+        ask_cancel(redis_client, 2, 9)
+        assert scripts.fetch(KEYS.inflight("w1"), 3) == [
+            Taken(task(1)),
+            Taken(task(2), cancelled=True),
+            Taken(task(3)),
+        ]
+        # Taking a task is no outcome: its flag stays until the task is dropped or ends.
+        assert cancels(redis_client) == {"t2", "t9"}
+
+    @pytest.mark.parametrize("asked", [[], ["t9"]], ids=["no-cancel-hash", "another-task"])
+    def test_the_raw_reply_flags_each_task_0_unless_its_own_cancel_was_asked(
+        self, redis_client: redis.Redis[bytes], asked: list[str]
+    ) -> None:
+        redis_client.lpush(KEYS.pending, task(1), b"not json")
+        if asked:
+            redis_client.hset(KEYS.cancel, mapping=dict.fromkeys(asked, 1))
+        source = load_source(TASK_ID_PRELUDE, "fetch")
+        keys = [KEYS.pending, KEYS.inflight("w1")]
+        keys += [KEYS.crashes, KEYS.releases, KEYS.state, KEYS.cancel]
+        reply = redis_client.eval(source, len(keys), *keys, 2, MAX_NAME_LENGTH)
+        assert reply == [[task(1), b"not json"], [0, 0], [0, 0]]
+
+    # Issue 9: the Semibot runtime pushes bodies straight onto the list: no state entry.
+    def test_a_body_pushed_raw_becomes_running_with_an_empty_session(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        garbage = b"\xff not json"
+        redis_client.lpush(KEYS.pending, RUNTIME_BODY, garbage)
+        assert scripts.fetch(KEYS.inflight("w1"), 2) == [Taken(RUNTIME_BODY), Taken(garbage)]
+        assert states(redis_client) == {"rt-1": "running ", raw_id_of(garbage): "running "}
 
 
 # --- finishing a task -------------------------------------------------------------------------
@@ -539,6 +644,8 @@ class TestAck:
         redis_client.hset(KEYS.crashes, "t1", 1)
         redis_client.hset(KEYS.releases, "t1", 1)
         redis_client.set(KEYS.accepted("t1"), b"token")
+        with_state(redis_client, "running", 1)
+        ask_cancel(redis_client, 1)
         before = snapshot(redis_client)
         with listening(redis_client, CHANNEL) as pubsub:
             assert scripts.ack(inflight, TTL, [(task(1), "t1", result_json(1), CHANNEL)]) == (
@@ -608,10 +715,65 @@ class TestAck:
         ).encode()
         register_dead_worker(redis_client, "dead", body)
         assert recover(scripts) == (0, ["parent-1"], [])
-        assert scripts.fetch(inflight, 1) == [(body, 1)]
+        assert scripts.fetch(inflight, 1) == [Taken(body, 1)]
         acks = [(body, "child-1", result_json("child-1"), CHANNEL)]
         assert scripts.ack(inflight, TTL, acks) == ([1], [])
-        assert redis_client.exists(KEYS.crashes, KEYS.releases) == 0
+        assert redis_client.exists(KEYS.crashes, KEYS.releases, KEYS.state) == 0
+
+    # Issue 9: a finished task is no longer live: status() answers from its result.
+    def test_ack_drops_the_state_and_cancel_flag_of_the_finished_tasks_only(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        inflight = KEYS.inflight("w1")
+        redis_client.lpush(inflight, task(1), task(2), task(3))
+        with_state(redis_client, "running", 1, 2, 3)
+        ask_cancel(redis_client, 1, 2)
+        acks = [(task(n), f"t{n}", result_json(n, "cancelled"), CHANNEL) for n in (1, 3)]
+        assert scripts.ack(inflight, TTL, acks) == ([1, 1], [])
+        assert states(redis_client) == {"t2": "running s-2"}
+        assert cancels(redis_client) == {"t2"}
+
+    def test_each_task_ack_takes_becomes_running_with_its_session_and_its_cancel_flag(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        inflight = KEYS.inflight("w1")
+        redis_client.lpush(inflight, task(1))
+        with_state(redis_client, "running", 1)
+        redis_client.lpush(KEYS.pending, task(2), task(3), task(4))
+        with_state(redis_client, "pending", 2, 3, 4)
+        ask_cancel(redis_client, 3)
+        acks = [(task(1), "t1", result_json(1), CHANNEL)]
+        assert scripts.ack(inflight, TTL, acks, take=2) == (
+            [1],
+            [Taken(task(2)), Taken(task(3), cancelled=True)],
+        )
+        assert states(redis_client) == {
+            "t2": "running s-2",
+            "t3": "running s-3",
+            "t4": "pending s-4",
+        }
+        assert cancels(redis_client) == {"t3"}
+
+    @pytest.mark.parametrize("asked", [[], ["t9"]], ids=["no-cancel-hash", "another-task"])
+    def test_the_raw_reply_flags_each_taken_task_0_unless_its_own_cancel_was_asked(
+        self, redis_client: redis.Redis[bytes], asked: list[str]
+    ) -> None:
+        redis_client.lpush(KEYS.pending, task(1), b"not json")
+        if asked:
+            redis_client.hset(KEYS.cancel, mapping=dict.fromkeys(asked, 1))
+        source = load_source(TASK_ID_PRELUDE, "ack")
+        keys = [KEYS.inflight("w1"), KEYS.pending]
+        keys += [KEYS.crashes, KEYS.releases, KEYS.state, KEYS.cancel]
+        reply = redis_client.eval(source, len(keys), *keys, TTL, 2, MAX_NAME_LENGTH)
+        assert reply == [[], [task(1), b"not json"], [0, 0], [0, 0]]
+
+    # Issue 9: the Semibot runtime pushes bodies straight onto the list: no state entry.
+    def test_a_body_pushed_raw_and_taken_by_ack_becomes_running_with_an_empty_session(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        redis_client.lpush(KEYS.pending, RUNTIME_BODY)
+        assert scripts.ack(KEYS.inflight("w1"), TTL, [], take=1) == ([], [Taken(RUNTIME_BODY)])
+        assert states(redis_client) == {"rt-1": "running "}
 
     def test_ack_then_takes_up_to_n_pending_tasks_oldest_first_into_the_same_list(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
@@ -621,7 +783,7 @@ class TestAck:
         scripts.fetch(inflight, 1)
         push(scripts, [task(2), task(3), task(4)], max_length=10)
         acks = [(task(1), "t1", result_json(1), CHANNEL)]
-        assert scripts.ack(inflight, TTL, acks, take=2) == ([1], [(task(2), 0), (task(3), 0)])
+        assert scripts.ack(inflight, TTL, acks, take=2) == ([1], [Taken(task(2)), Taken(task(3))])
         assert redis_client.lrange(inflight, 0, -1) == [task(3), task(2)]
         assert redis_client.lrange(KEYS.pending, 0, -1) == [task(4)]
         assert redis_client.get(KEYS.result("t1")) == result_json(1)
@@ -639,7 +801,7 @@ class TestAck:
         acks = [(task(1), "t1", result_json(1), CHANNEL)]
         assert scripts.ack(inflight, TTL, acks, take=4) == (
             [1],
-            [(task(2), 2), (task(3), 2), (garbage, 2), (task(4), 0)],
+            [Taken(task(2), 2), Taken(task(3), 2), Taken(garbage, 2), Taken(task(4))],
         )
         assert redis_client.hgetall(KEYS.releases) == {b"t3": b"2", b"t2": b"1"}
 
@@ -650,7 +812,7 @@ class TestAck:
         redis_client.lpush(inflight, task(1))
         push(scripts, [task(2)], max_length=10)
         acks = [(task(1), "t1", result_json(1), CHANNEL)]
-        assert scripts.ack(inflight, TTL, acks, take=5) == ([1], [(task(2), 0)])
+        assert scripts.ack(inflight, TTL, acks, take=5) == ([1], [Taken(task(2))])
         assert redis_client.exists(KEYS.pending) == 0
 
     def test_ack_of_nothing_is_a_plain_batch_fetch(
@@ -659,7 +821,7 @@ class TestAck:
         inflight = KEYS.inflight("w1")
         push(scripts, [task(1), task(2)], max_length=10)
         redis_client.hset(KEYS.crashes, "t1", 1)
-        assert scripts.ack(inflight, TTL, [], take=1) == ([], [(task(1), 1)])
+        assert scripts.ack(inflight, TTL, [], take=1) == ([], [Taken(task(1), 1)])
         assert redis_client.lrange(inflight, 0, -1) == [task(1)]
         assert redis_client.hgetall(KEYS.crashes) == {b"t1": b"1"}
 
@@ -707,9 +869,29 @@ class TestRetry:
     ) -> None:
         inflight = KEYS.inflight("w1")
         redis_client.lpush(inflight, task(2))
+        with_state(redis_client, "running", 1, 2)
         before = snapshot(redis_client)
         assert scripts.retry(inflight, task(1), b"next-attempt", delay_ms=0) is False
         assert snapshot(redis_client) == before
+
+    # Issue 9: status() answers "scheduled" while a failed task waits for its next attempt.
+    def test_retry_leaves_the_task_scheduled_keeping_its_session(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        inflight = KEYS.inflight("w1")
+        redis_client.lpush(inflight, task(1), task(2))
+        with_state(redis_client, "running", 1, 2)
+        assert scripts.retry(inflight, task(1), task(1), delay_ms=5_000) is True
+        assert states(redis_client) == {"t1": "scheduled s-1", "t2": "running s-2"}
+
+    def test_a_body_pushed_raw_is_scheduled_with_an_empty_session(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        inflight = KEYS.inflight("w1")
+        redis_client.lpush(KEYS.pending, RUNTIME_BODY)
+        scripts.fetch(inflight, 1)
+        assert scripts.retry(inflight, RUNTIME_BODY, RUNTIME_BODY, delay_ms=5_000) is True
+        assert states(redis_client) == {"rt-1": "scheduled "}
 
 
 def dead_keys(client: redis.Redis[bytes]) -> dict[bytes, Any]:
@@ -803,6 +985,38 @@ class TestDeadLetter:
         assert redis_client.exists(KEYS.releases, KEYS.accepted("t1")) == 0
         assert redis_client.get(KEYS.accepted("t2")) == b"token"
 
+    # Issue 9: a dead letter is no longer live: status() answers "dead" from its record.
+    def test_a_final_outcome_drops_the_tasks_state_and_cancel_flag_only(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        inflight = garbage_in_flight(redis_client, task(1), task(2))
+        with_state(redis_client, "running", 1, 2)
+        ask_cancel(redis_client, 1, 2)
+        assert scripts.dead_letter(inflight, task(1), "t1", b"{}", None, None) == "t1#1"
+        assert states(redis_client) == {"t2": "running s-2"}
+        assert cancels(redis_client) == {"t2"}
+
+    # The worker names such a body by the id it parsed (or none); its state was written when
+    # it was taken under the id the scripts read (lib_task_id's key_of): that one goes.
+    @pytest.mark.parametrize(
+        ("body", "parsed"),
+        [
+            (RUNTIME_BODY, "rt-1"),
+            (b"\xff garbage", task_id_of(b"\xff garbage")),  # raw-<sha1>
+            (b'{"task_id": "a b"}', "a b"),
+        ],
+        ids=["runtime", "garbage", "unfit-id"],
+    )
+    def test_the_state_a_body_got_when_taken_goes_with_its_dead_letter(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes], body: bytes, parsed: str
+    ) -> None:
+        inflight = KEYS.inflight("w1")
+        redis_client.lpush(KEYS.pending, body)
+        scripts.fetch(inflight, 1)
+        assert states(redis_client) == {task_id_of(body): "running "}
+        assert scripts.dead_letter(inflight, body, parsed, b"{}", body, None) is not None
+        assert redis_client.exists(KEYS.state, inflight) == 0
+
     @pytest.mark.parametrize(
         "raw",
         [b"\x00\xff\xfe not utf-8", b"", b"x" * 1_048_576],
@@ -836,6 +1050,8 @@ class TestDeadLetter:
         inflight = garbage_in_flight(redis_client, task(2))
         redis_client.hset(KEYS.crashes, "t1", 1)
         redis_client.set(KEYS.accepted("t1"), b"token")
+        with_state(redis_client, "running", 1)
+        ask_cancel(redis_client, 1)
         before = snapshot(redis_client)
         with listening(redis_client, CHANNEL) as pubsub:
             record_id = scripts.dead_letter(
@@ -929,6 +1145,109 @@ class TestDeadLetter:
         print(f"dead_letter of 1 MB: max {max(durations)} us, total {sum(durations)} us")
         assert max(durations) < SCRIPT_BUDGET_US
         assert redis_client.hlen(KEYS.dead_raw) == 20
+
+
+#: The cancelled result a worker hands drop(), for tests that do not read it.
+DROPPED_RESULT = b'{"status": "cancelled"}'
+
+
+def drop(scripts: Scripts, inflight: str, body: bytes) -> bool:
+    """drop ``body`` as the worker does, with a cancelled result of its own."""
+    return scripts.drop(inflight, body, task_id_of(body), (DROPPED_RESULT, "results:s", TTL))
+
+
+class TestDrop:
+    """drop takes a task whose cancel was asked before it started out of flight, with its
+    delivery counts, state and cancel flag; the cancelled result cancel stored stays."""
+
+    def test_the_task_leaves_flight_with_its_bookkeeping_and_the_others_keep_theirs(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        inflight = garbage_in_flight(redis_client, task(1), task(2))
+        redis_client.hset(KEYS.crashes, mapping={"t1": 1, "t2": 1})
+        redis_client.hset(KEYS.releases, mapping={"t1": 2, "t2": 2})
+        with_state(redis_client, "running", 1, 2)
+        ask_cancel(redis_client, 1, 2)
+        redis_client.set(KEYS.result("t1"), result_json(1, "cancelled"), ex=TTL)
+        assert drop(scripts, inflight, task(1)) is True
+        assert redis_client.lrange(inflight, 0, -1) == [task(2)]
+        for key in (KEYS.crashes, KEYS.releases, KEYS.state, KEYS.cancel):
+            assert redis_client.hkeys(key) == [b"t2"], key
+        assert redis_client.get(KEYS.result("t1")) == result_json(1, "cancelled")
+
+    def test_a_task_no_longer_in_flight_returns_false_and_writes_nothing(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        inflight = garbage_in_flight(redis_client, task(2))
+        redis_client.hset(KEYS.crashes, "t1", 1)
+        redis_client.hset(KEYS.releases, "t1", 1)
+        with_state(redis_client, "pending", 1)
+        ask_cancel(redis_client, 1)
+        before = snapshot(redis_client)
+        assert drop(scripts, inflight, task(1)) is False
+        assert drop(scripts, KEYS.inflight("nobody"), task(1)) is False
+        assert snapshot(redis_client) == before
+
+    def test_one_copy_of_a_duplicated_task_is_dropped(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        inflight = garbage_in_flight(redis_client, task(1), task(1))
+        assert drop(scripts, inflight, task(1)) is True
+        assert redis_client.lrange(inflight, 0, -1) == [task(1)]
+        assert drop(scripts, inflight, task(1)) is True
+        assert drop(scripts, inflight, task(1)) is False
+
+    def test_a_body_without_a_task_id_is_dropped_under_the_sha1_of_its_bytes(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        inflight = KEYS.inflight("w1")
+        garbage = b"\xff garbage"
+        redis_client.lpush(KEYS.pending, garbage)
+        redis_client.hset(KEYS.crashes, raw_id_of(garbage), 1)
+        redis_client.hset(KEYS.cancel, raw_id_of(garbage), 1)
+        assert scripts.fetch(inflight, 1) == [Taken(garbage, 1, cancelled=True)]
+        assert drop(scripts, inflight, garbage) is True
+        # nothing left but its cancelled result (no cancel had stored one)
+        assert redis_client.keys("*") == [KEYS.result(raw_id_of(garbage)).encode()]
+
+    # Issue 9: a cancel asked while the task ran, then the task went back to pending (its
+    # worker died or stopped): the worker that takes it next drops it, and as no cancelled
+    # result was stored yet, stores and publishes the one it was given, and frees the id.
+    def test_a_task_cancelled_while_running_then_requeued_gets_its_result_when_dropped(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        inflight = garbage_in_flight(redis_client, task(1))
+        ask_cancel(redis_client, 1)
+        redis_client.set(KEYS.accepted("t1"), b"token")
+        pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe("results:s")
+        assert pubsub.get_message(timeout=1.0) is None  # the subscription is confirmed
+        assert drop(scripts, inflight, task(1)) is True
+        assert redis_client.get(KEYS.result("t1")) == DROPPED_RESULT
+        assert redis_client.ttl(KEYS.result("t1")) > 0
+        assert redis_client.exists(KEYS.accepted("t1"), KEYS.cancel, inflight) == 0
+        message = pubsub.get_message(timeout=5.0)
+        pubsub.close()
+        assert message is not None
+        assert message["data"] == DROPPED_RESULT
+
+    # Issue 9: cancel() of a pending task stores its cancelled result, flags it and drops its
+    # state; the worker that takes it later is told, never runs it, and drops it: nothing
+    # of the task is left but its result.
+    def test_a_task_cancelled_while_pending_is_taken_flagged_dropped_and_leaves_its_result(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        inflight = KEYS.inflight("w1")
+        redis_client.lpush(KEYS.pending, task(1), task(2))
+        with_state(redis_client, "pending", 2)  # t1's went with its cancel
+        ask_cancel(redis_client, 1)
+        redis_client.set(KEYS.result("t1"), result_json(1, "cancelled"), ex=TTL)
+        assert scripts.fetch(inflight, 2) == [Taken(task(1), cancelled=True), Taken(task(2))]
+        assert drop(scripts, inflight, task(1)) is True
+        assert redis_client.lrange(inflight, 0, -1) == [task(2)]
+        assert states(redis_client) == {"t2": "running s-2"}
+        assert redis_client.exists(KEYS.cancel) == 0
+        assert redis_client.get(KEYS.result("t1")) == result_json(1, "cancelled")
 
 
 class TestTrimDead:
@@ -1055,6 +1374,7 @@ class TestPromote:
     ) -> None:
         fill_pending(redis_client, 3)
         self.schedule(redis_client, {task(1): -1_000})
+        with_state(redis_client, "scheduled", 1)
         before = snapshot(redis_client)
         assert scripts.promote(batch=100, max_length=3) == 0
         assert snapshot(redis_client) == before
@@ -1066,6 +1386,28 @@ class TestPromote:
         assert scripts.promote(batch=2, max_length=100) == 2
         assert take_all(scripts) == [task(0), task(1)]
         assert redis_client.zcard(KEYS.scheduled) == 3
+
+    # Issue 9: status() answers "pending" once a retry or a delayed task is due and moved;
+    # what is not due, or finds no room, stays "scheduled".
+    def test_a_promoted_task_becomes_pending_keeping_its_session_the_others_stay_scheduled(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        fill_pending(redis_client, 1)
+        self.schedule(redis_client, {task(1): -2_000, task(2): -1_000, task(3): ONE_MINUTE_MS})
+        with_state(redis_client, "scheduled", 1, 2, 3)
+        assert scripts.promote(batch=100, max_length=2) == 1
+        assert states(redis_client) == {
+            "t1": "pending s-1",
+            "t2": "scheduled s-2",
+            "t3": "scheduled s-3",
+        }
+
+    def test_a_body_without_a_state_entry_is_promoted_pending_with_an_empty_session(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        self.schedule(redis_client, {RUNTIME_BODY: -1_000})
+        assert scripts.promote(batch=100, max_length=100) == 1
+        assert states(redis_client) == {"rt-1": "pending "}
 
 
 class TestHeartbeat:
@@ -1198,6 +1540,7 @@ class TestRecover:
     ) -> None:
         beat(scripts, "alive")
         redis_client.lpush(KEYS.inflight("alive"), task(1))
+        with_state(redis_client, "running", 1)
         before = snapshot(redis_client)
         assert recover(scripts, "alive") == "alive"
         assert snapshot(redis_client) == before
@@ -1213,10 +1556,10 @@ class TestRecover:
         assert recover(scripts) == (0, ["t3", "t2", "t1"], [])
         assert redis_client.hgetall(KEYS.crashes) == {b"t1": b"1", b"t2": b"1", b"t3": b"1"}
         assert scripts.fetch(KEYS.inflight("next"), 10) == [
-            (task(1), 1),
-            (task(2), 1),
-            (task(3), 1),
-            (task("later"), 0),
+            Taken(task(1), 1),
+            Taken(task(2), 1),
+            Taken(task(3), 1),
+            Taken(task("later")),
         ]
         assert redis_client.exists(KEYS.inflight("dead")) == 0
         assert redis_client.zscore(KEYS.workers, "dead") is None
@@ -1234,11 +1577,11 @@ class TestRecover:
     ) -> None:
         register_dead_worker(redis_client, "first", task(1))
         recover(scripts, "first")
-        assert scripts.fetch(KEYS.inflight("second"), 1) == [(task(1), 1)]
+        assert scripts.fetch(KEYS.inflight("second"), 1) == [Taken(task(1), 1)]
         register_dead_worker(redis_client, "second")
         assert recover(scripts, "second") == (0, ["t1"], [])
         assert redis_client.hgetall(KEYS.crashes) == {b"t1": b"2"}
-        assert scripts.fetch(KEYS.inflight("third"), 1) == [(task(1), 2)]
+        assert scripts.fetch(KEYS.inflight("third"), 1) == [Taken(task(1), 2)]
 
     def test_a_body_without_a_task_id_is_counted_under_the_sha1_of_its_bytes(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
@@ -1248,6 +1591,7 @@ class TestRecover:
         assert recover(scripts) == (0, [raw_id_of(garbage)], [])
         assert redis_client.hgetall(KEYS.crashes) == {raw_id_of(garbage).encode(): b"1"}
         assert redis_client.lrange(KEYS.pending, 0, -1) == [garbage]
+        assert states(redis_client) == {raw_id_of(garbage): "pending "}
 
     # Issue 8, "Why": poison was dead-lettered by parsing and re-encoding the body in Lua.
     def test_a_task_at_the_delivery_limit_is_dead_lettered_as_poison_with_its_raw_body(
@@ -1287,6 +1631,32 @@ class TestRecover:
         # The bytes are kept beside the record, never copied into its JSON.
         assert "raw" not in json.loads(stored)
 
+    # Issue 9: a requeued task is pending again for status(); its cancel flag stays, so
+    # that the worker taking it next drops it if its cancel was asked before it started.
+    def test_a_requeued_task_becomes_pending_keeping_its_session_and_cancel_flag(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        register_dead_worker(redis_client, "dead", task(1), task(2))
+        with_state(redis_client, "running", 1, 2)
+        ask_cancel(redis_client, 2)
+        assert recover(scripts) == (0, ["t2", "t1"], [])
+        assert states(redis_client) == {"t1": "pending s-1", "t2": "pending s-2"}
+        assert cancels(redis_client) == {"t2"}
+
+    # Issue 9: poison is a final outcome: the task is no longer live.
+    def test_poison_drops_its_state_and_cancel_flag_the_requeued_keep_theirs(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        register_dead_worker(redis_client, "dead", task(1), task(2), RUNTIME_BODY)
+        redis_client.hset(KEYS.crashes, mapping={"t1": 2, "rt-1": 2})
+        with_state(redis_client, "running", 1, 2)
+        redis_client.hset(KEYS.state, "rt-1", "running ")
+        redis_client.hset(KEYS.cancel, "rt-1", 1)
+        ask_cancel(redis_client, 1, 2)
+        assert recover(scripts, max_deliveries=3) == (0, ["t2"], ["rt-1#1", "t1#2"])
+        assert states(redis_client) == {"t2": "pending s-2"}
+        assert cancels(redis_client) == {"t2"}
+
     def test_deliveries_given_back_do_not_count_towards_poison(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
@@ -1325,6 +1695,7 @@ class TestRecover:
     ) -> None:
         fill_pending(redis_client, 3)
         register_dead_worker(redis_client, "dead", task(1), task(2))
+        with_state(redis_client, "running", 1, 2)
         before = snapshot(redis_client)
         assert recover(scripts, max_length=3) == (2, [], [])
         assert snapshot(redis_client) == before
@@ -1376,6 +1747,7 @@ class TestRecover:
     ) -> None:
         register_dead_worker(redis_client, "dead", task(1))
         redis_client.set(KEYS.grace, redis_ms(redis_client) + ONE_MINUTE_MS)
+        with_state(redis_client, "running", 1)
         before = snapshot(redis_client)
         assert recover(scripts) == "grace"
         assert recover(scripts, "never-registered") == "grace"
@@ -1469,10 +1841,10 @@ class TestRelease:
         assert redis_client.hgetall(KEYS.releases) == {b"t1": b"1", b"t2": b"1", b"t3": b"1"}
         assert redis_client.hgetall(KEYS.crashes) == {b"t3": b"2"}
         assert scripts.fetch(KEYS.inflight("next"), 10) == [
-            (task(1), 1),
-            (task(2), 1),
-            (task(3), 3),
-            (task("later"), 0),
+            Taken(task(1), 1),
+            Taken(task(2), 1),
+            Taken(task(3), 3),
+            Taken(task("later")),
         ]
         assert redis_client.exists(KEYS.inflight("w1")) == 0
         assert redis_client.zscore(KEYS.workers, "w1") is None
@@ -1485,7 +1857,7 @@ class TestRelease:
             beat(scripts, "w1")
             assert scripts.release("w1", max_length=10, budget=1 << 20) == 0
             assert redis_client.hgetall(KEYS.releases) == {b"t1": str(given_back).encode()}
-            assert scripts.fetch(KEYS.inflight("w1"), 1) == [(task(1), given_back)]
+            assert scripts.fetch(KEYS.inflight("w1"), 1) == [Taken(task(1), given_back)]
 
     def test_a_body_without_a_task_id_is_counted_under_the_sha1_of_its_bytes(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
@@ -1508,12 +1880,44 @@ class TestRelease:
         assert redis_client.hgetall(KEYS.releases) == {b"t3": b"1"}
         assert redis_client.zscore(KEYS.workers, "w1") is not None
 
+    # Issue 9: a released task is pending again for status(); its cancel flag stays, so
+    # that the worker taking it next drops it if its cancel was asked before it started.
+    def test_a_released_task_becomes_pending_keeping_its_session_and_cancel_flag(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        beat(scripts, "w1")
+        redis_client.lpush(KEYS.inflight("w1"), task(1), task(2), RUNTIME_BODY)
+        with_state(redis_client, "running", 1, 2)
+        ask_cancel(redis_client, 1)
+        assert scripts.release("w1", max_length=10, budget=1 << 20) == 0
+        assert states(redis_client) == {
+            "t1": "pending s-1",
+            "t2": "pending s-2",
+            "rt-1": "pending ",
+        }
+        assert cancels(redis_client) == {"t1"}
+
+    def test_tasks_that_do_not_fit_stay_running(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        beat(scripts, "w1")
+        fill_pending(redis_client, 2)
+        redis_client.lpush(KEYS.inflight("w1"), task(1), task(2), task(3))
+        with_state(redis_client, "running", 1, 2, 3)
+        assert scripts.release("w1", max_length=3, budget=1 << 20) == 2
+        assert states(redis_client) == {
+            "t1": "running s-1",
+            "t2": "running s-2",
+            "t3": "pending s-3",
+        }
+
     def test_release_into_a_full_queue_moves_nothing(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
         beat(scripts, "w1")
         fill_pending(redis_client, 3)
         redis_client.lpush(KEYS.inflight("w1"), task(1))
+        with_state(redis_client, "running", 1)
         before = snapshot(redis_client)
         assert scripts.release("w1", max_length=3, budget=1 << 20) == 1
         assert snapshot(redis_client) == before
@@ -1533,7 +1937,7 @@ class TestRelease:
         register_dead_worker(redis_client, "dead", task(1))
         redis_client.hset(KEYS.crashes, "t1", 1)
         assert recover(scripts, "dead", max_deliveries=3) == (0, ["t1"], [])
-        assert scripts.fetch(KEYS.inflight("next"), 1) == [(task(1), 12)]
+        assert scripts.fetch(KEYS.inflight("next"), 1) == [Taken(task(1), 12)]
         assert redis_client.exists(KEYS.dead, KEYS.dead_raw, KEYS.dead_index) == 0
 
     def test_release_with_nothing_in_flight_just_deregisters(
@@ -1544,24 +1948,35 @@ class TestRelease:
         assert redis_client.keys("*") == [KEYS.last_beat.encode()]
 
 
-class TestCounts:
-    """counts reads one task's earlier lost and given-back deliveries (after a plain BLMOVE)."""
+class TestTook:
+    """took (counts.lua) does for one task taken by a plain BLMOVE what fetch does for each
+    task it takes: the task becomes running; its earlier lost and given-back deliveries and
+    whether its cancel was asked are read."""
 
-    def test_lost_and_given_back_deliveries_are_added_and_nothing_is_written(
+    def test_lost_and_given_back_deliveries_are_added_and_only_the_state_is_written(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
         redis_client.hset(KEYS.crashes, mapping={"t1": 2, "t2": 7})
         redis_client.hset(KEYS.releases, mapping={"t1": 3, "t3": 1})
         before = snapshot(redis_client)
-        assert [scripts.counts(task(n)) for n in (1, 2, 3, 4)] == [5, 7, 1, 0]
-        assert snapshot(redis_client) == before
+        assert [scripts.took(task(n)) for n in (1, 2, 3, 4)] == [
+            Taken(task(1), 5),
+            Taken(task(2), 7),
+            Taken(task(3), 1),
+            Taken(task(4)),
+        ]
+        after = snapshot(redis_client)
+        assert after.pop(KEYS.state.encode()) == {
+            f"t{n}".encode(): b"running " for n in (1, 2, 3, 4)
+        }
+        assert after == before
 
     def test_zero_when_no_task_was_ever_redelivered(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        assert scripts.counts(task(1)) == 0
-        assert scripts.counts(b"\xff not json") == 0
-        assert redis_client.keys("*") == []
+        assert scripts.took(task(1)) == Taken(task(1))
+        assert scripts.took(b"\xff not json") == Taken(b"\xff not json")
+        assert redis_client.keys("*") == [KEYS.state.encode()]
 
     def test_a_body_without_a_task_id_is_read_under_the_sha1_of_its_bytes(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
@@ -1569,8 +1984,40 @@ class TestCounts:
         garbage = b"\x00\xff garbage"
         redis_client.hset(KEYS.crashes, raw_id_of(garbage), 1)
         redis_client.hset(KEYS.releases, raw_id_of(garbage), 2)
-        assert scripts.counts(garbage) == 3
-        assert scripts.counts(garbage + b" ") == 0
+        redis_client.hset(KEYS.cancel, raw_id_of(garbage), 1)
+        assert scripts.took(garbage) == Taken(garbage, 3, cancelled=True)
+        assert scripts.took(garbage + b" ") == Taken(garbage + b" ")
+
+    # Issue 9: status() answers "running" for a task a worker took; the session enqueue
+    # wrote is what a cancelled or failed result is published to later.
+    def test_the_task_becomes_running_keeping_the_session_written_at_enqueue(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        with_state(redis_client, "pending", 1, 2)
+        scripts.took(task(1))
+        assert states(redis_client) == {"t1": "running s-1", "t2": "pending s-2"}
+
+    def test_the_cancel_flag_is_reported_and_kept_until_the_task_ends(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        ask_cancel(redis_client, 1, 9)
+        assert scripts.took(task(1)) == Taken(task(1), cancelled=True)
+        assert scripts.took(task(2)) == Taken(task(2))
+        assert cancels(redis_client) == {"t1", "t9"}
+
+    def test_the_raw_reply_flags_the_task_0_when_the_cancel_hash_is_empty(
+        self, redis_client: redis.Redis[bytes]
+    ) -> None:
+        source = load_source(TASK_ID_PRELUDE, "counts")
+        keys = [KEYS.crashes, KEYS.releases, KEYS.state, KEYS.cancel]
+        assert redis_client.eval(source, len(keys), *keys, task(1), MAX_NAME_LENGTH) == [0, 0]
+
+    # Issue 9: the Semibot runtime pushes bodies straight onto the list: no state entry.
+    def test_a_body_pushed_raw_becomes_running_with_an_empty_session(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        assert scripts.took(RUNTIME_BODY) == Taken(RUNTIME_BODY)
+        assert states(redis_client) == {"rt-1": "running "}
 
     def test_a_task_taken_by_a_plain_blmove_reads_what_fetch_would_have_reported(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
@@ -1578,9 +2025,15 @@ class TestCounts:
         redis_client.lpush(KEYS.pending, task(1), task(1))
         redis_client.hset(KEYS.crashes, "t1", 2)
         redis_client.hset(KEYS.releases, "t1", 1)
+        with_state(redis_client, "pending", 1)
+        ask_cancel(redis_client, 1)
         taken = redis_client.blmove(KEYS.pending, KEYS.inflight("w1"), 1, "RIGHT", "LEFT")
         assert taken is not None
-        assert [(taken, scripts.counts(taken))] == scripts.fetch(KEYS.inflight("w1"), 1)
+        took = scripts.took(taken)
+        after_took = states(redis_client)
+        assert [took] == scripts.fetch(KEYS.inflight("w1"), 1)
+        assert took == Taken(task(1), 3, cancelled=True)
+        assert after_took == states(redis_client) == {"t1": "running s-1"}
 
 
 class TestAdopt:
@@ -1966,13 +2419,13 @@ class TestScriptsOnFakeRedis:
         try:
             assert push(scripts, [task(1), task(2)], max_length=2) == 2
             assert push(scripts, [task(3)], max_length=2) == -1
-            assert scripts.fetch(inflight, 1) == [(task(1), 0)]
+            assert scripts.fetch(inflight, 1) == [Taken(task(1))]
             acks = [
                 (task(1), "t1", result_json(1), CHANNEL),
                 (task(3), "t3", result_json(3), CHANNEL),
             ]
             with listening(fake_redis, CHANNEL) as pubsub:
-                assert scripts.ack(inflight, TTL, acks, take=1) == ([1, 0], [(task(2), 0)])
+                assert scripts.ack(inflight, TTL, acks, take=1) == ([1, 0], [Taken(task(2))])
                 assert next_message(pubsub)["data"] == result_json(1)
         finally:
             scripts.close()
@@ -1993,11 +2446,32 @@ class TestScriptsOnFakeRedis:
             fake_redis.delete(KEYS.grace)
             assert recover(scripts) == (0, ["t1"], ["t2#1"])
             assert fake_redis.hgetall(KEYS.dead_raw) == {b"t2#1": task(2)}
-            assert scripts.fetch(KEYS.inflight("w1"), 1) == [(task(1), 1)]
+            assert scripts.fetch(KEYS.inflight("w1"), 1) == [Taken(task(1), 1)]
             assert scripts.release("w1", max_length=10, budget=1 << 20) == 0
-            assert scripts.counts(task(1)) == 2
+            assert scripts.took(task(1)) == Taken(task(1), 2)
+            assert fake_redis.hget(KEYS.state, "t1") == b"running "
             assert scripts.adopt(["w1"]) == []
             assert beat(scripts, "w1")[1:] == (1, 0)
+        finally:
+            scripts.close()
+
+    def test_state_cancel_flags_and_drop_behave_as_on_a_real_redis(
+        self, fake_redis: fakeredis.FakeRedis
+    ) -> None:
+        scripts = Scripts(fake_redis, KEYS)
+        inflight = KEYS.inflight("w1")
+        try:
+            fake_redis.lpush(KEYS.pending, task(1), task(2))
+            with_state(fake_redis, "pending", 1, 2)
+            ask_cancel(fake_redis, 2)
+            assert scripts.fetch(inflight, 2) == [Taken(task(1)), Taken(task(2), cancelled=True)]
+            assert states(fake_redis) == {"t1": "running s-1", "t2": "running s-2"}
+            assert drop(scripts, inflight, task(2)) is True
+            assert scripts.retry(inflight, task(1), task(1), delay_ms=0) is True
+            assert states(fake_redis) == {"t1": "scheduled s-1"}
+            assert scripts.promote(batch=10, max_length=10) == 1
+            assert states(fake_redis) == {"t1": "pending s-1"}
+            assert fake_redis.exists(KEYS.cancel, inflight) == 0
         finally:
             scripts.close()
 

@@ -12,6 +12,8 @@
 -- KEYS[8]   releases hash
 -- KEYS[9]   the task's idempotency marker
 -- KEYS[10]  the task's result key (written only when ARGV[6] is not empty)
+-- KEYS[11]  state hash
+-- KEYS[12]  cancel hash
 -- ARGV[1]   the task as taken
 -- ARGV[2]   task id
 -- ARGV[3]   dead-letter record JSON
@@ -40,6 +42,8 @@ if ARGV[6] ~= '' then
 end
 redis.call('HDEL', KEYS[7], ARGV[9])
 redis.call('HDEL', KEYS[8], ARGV[9])
+redis.call('HDEL', KEYS[11], ARGV[9])
+redis.call('HDEL', KEYS[12], ARGV[9])
 redis.call('DEL', KEYS[9])
 -- Out of flight last: a refused write above leaves the task in flight, never lost.
 redis.call('LREM', KEYS[1], 1, ARGV[1])

@@ -36,13 +36,26 @@ local function redelivered(crashes, releases, id)
     + (tonumber(redis.call('HGET', releases, id)) or 0)
 end
 
--- counts_of(crashes, releases, bodies, max_length): redelivered() of each body, in order;
--- all zeros at the cost of two EXISTS when no task was ever redelivered (the usual case).
-local function counts_of(crashes, releases, bodies, max_length)
-  local counts = {}
-  local any = redis.call('EXISTS', crashes, releases) > 0
+-- set_status(state, id, word): the task's state becomes word, its session kept. A state
+-- value is "<word> <session id>"; a body the Semibot runtime pushed raw has no session.
+local function set_status(state, id, word)
+  local value = redis.call('HGET', state, id)
+  local session = value and string.match(value, '^%S* (.*)$') or ''
+  redis.call('HSET', state, id, word .. ' ' .. session)
+end
+
+-- taken(K, bodies, max_length): bookkeeping of tasks a worker just took, with K the table
+-- {crashes=, releases=, state=, cancel=}: each becomes "running"; returns, in order, the
+-- earlier lost or given-back deliveries of each and 1 for each whose cancel was asked.
+local function taken(K, bodies, max_length)
+  local counts, cancelled = {}, {}
+  local redelivery = redis.call('EXISTS', K.crashes, K.releases) > 0
+  local cancels = redis.call('EXISTS', K.cancel) > 0
   for i, body in ipairs(bodies) do
-    counts[i] = any and redelivered(crashes, releases, key_of(body, max_length)) or 0
+    local id = key_of(body, max_length)
+    counts[i] = redelivery and redelivered(K.crashes, K.releases, id) or 0
+    cancelled[i] = cancels and redis.call('HEXISTS', K.cancel, id) or 0
+    set_status(K.state, id, 'running')
   end
-  return counts
+  return counts, cancelled
 end

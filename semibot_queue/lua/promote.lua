@@ -1,9 +1,12 @@
--- promote: move retries whose due time has come back to the pending list.
+-- promote: move retries and delayed tasks whose due time has come to the pending list.
+-- (Prelude: lib_task_id.)
 -- Only as many as the pending list has room for: the rest wait, never lost.
 -- KEYS[1]  scheduled sorted set
 -- KEYS[2]  pending list
+-- KEYS[3]  state hash: each promoted task becomes pending again
 -- ARGV[1]  most tasks to move in this call
 -- ARGV[2]  MAX_QUEUE_LENGTH
+-- ARGV[3]  MAX_NAME_LENGTH
 -- Returns the number moved.
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -16,5 +19,6 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, n)
 for _, task in ipairs(due) do
   redis.call('LPUSH', KEYS[2], task)
   redis.call('ZREM', KEYS[1], task)
+  set_status(KEYS[3], key_of(task, tonumber(ARGV[3])), 'pending')
 end
 return #due

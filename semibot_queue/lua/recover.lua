@@ -15,6 +15,8 @@
 -- KEYS[9]   dead-letter ids (lex)
 -- KEYS[10]  dead-letter raw bytes
 -- KEYS[11]  dead-letter sequence
+-- KEYS[12]  state hash: a requeued task becomes pending; a poisoned one leaves it
+-- KEYS[13]  cancel hash (a poisoned task's flag goes)
 -- ARGV[1]   worker id
 -- ARGV[2]   WORKER_DEAD_AFTER in ms: a worker seen more recently is left alone
 -- ARGV[3]   MAX_DELIVERY_ATTEMPTS
@@ -64,9 +66,12 @@ for _ = 1, tonumber(ARGV[4]) do
     poisoned[#poisoned + 1] = add_dead_letter(K, id, record, task, now_ms)
     redis.call('HDEL', KEYS[4], id)
     redis.call('HDEL', KEYS[5], id)
+    redis.call('HDEL', KEYS[12], id)
+    redis.call('HDEL', KEYS[13], id)
     redis.call('DEL', ARGV[7] .. id)
   else
     redis.call('RPUSH', KEYS[3], task)
+    set_status(KEYS[12], id, 'pending')
     requeued[#requeued + 1] = id
     room = room - 1
   end

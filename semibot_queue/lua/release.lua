@@ -6,6 +6,7 @@
 -- KEYS[2]  the worker's in-flight list
 -- KEYS[3]  pending list
 -- KEYS[4]  releases hash
+-- KEYS[5]  state hash: each released task becomes pending again
 -- ARGV[1]  worker id
 -- ARGV[2]  MAX_QUEUE_LENGTH (what does not fit stays; recovery moves it later)
 -- ARGV[3]  MAX_NAME_LENGTH
@@ -20,7 +21,9 @@ while room > 0 and budget > 0 do
   if not task then
     break
   end
-  redis.call('HINCRBY', KEYS[4], key_of(task, tonumber(ARGV[3])), 1)
+  local id = key_of(task, tonumber(ARGV[3]))
+  redis.call('HINCRBY', KEYS[4], id, 1)
+  set_status(KEYS[5], id, 'pending')
   redis.call('RPUSH', KEYS[3], task)
   room = room - 1
   budget = budget - #task

@@ -1,0 +1,50 @@
+-- cancel: cancel a task that has not ended, after checking its state again (it may have
+-- moved since the caller read it).
+-- * pending or scheduled: it never runs. Its cancelled result (built by the caller from
+--   the session in the state it read) is stored and published now, so that its waiters
+--   get it at once; the cancel flag is set, the state and the idempotency marker go
+--   (cancelled is a final outcome). The body stays where it is: the worker that takes it
+--   later sees the flag and drops it without running it.
+-- * running: only the cancel flag is set; the worker running it sees the flag, asks the
+--   handler to stop, and records the cancelled outcome itself.
+-- KEYS[1]  state hash (task id -> "<status> <session id>")
+-- KEYS[2]  cancel hash (task id -> 1 while the cancel waits to be carried out)
+-- KEYS[3]  the task's result key
+-- KEYS[4]  the task's idempotency marker
+-- ARGV[1]  task id
+-- ARGV[2]  the state value the caller read (the result was built for its session)
+-- ARGV[3]  the cancelled result JSON
+-- ARGV[4]  RESULT_TTL in seconds
+-- ARGV[5]  the session's result channel
+-- Returns 1 cancelled before it ran (also when this same call did it already: a repeat
+-- after a lost reply finds its own result), 2 asked to stop while running, 0 not live
+-- (unknown or ended: nothing written), -1 its state changed to another session since the
+-- caller read it (nothing written: read it again).
+local state = redis.call('HGET', KEYS[1], ARGV[1])
+if not state then
+  if redis.call('GET', KEYS[3]) == ARGV[3] then
+    return 1
+  end
+  return 0
+end
+local word, session = string.match(state, '^(%S*) (.*)$')
+if not word then
+  word, session = state, ''
+end
+if word == 'running' then
+  redis.call('HSET', KEYS[2], ARGV[1], 1)
+  return 2
+end
+if word ~= 'pending' and word ~= 'scheduled' then
+  return 0
+end
+local _, seen_session = string.match(ARGV[2], '^(%S*) (.*)$')
+if session ~= (seen_session or '') then
+  return -1
+end
+redis.call('SET', KEYS[3], ARGV[3], 'EX', tonumber(ARGV[4]))
+redis.call('HSET', KEYS[2], ARGV[1], 1)
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[4])
+redis.call('PUBLISH', ARGV[5], ARGV[3])
+return 1

@@ -1,0 +1,115 @@
+"""The consumer's lifecycle (DESIGN §1): stop() never blocks, join(), a context manager
+running in the background, signal handlers restored when start() returns."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from semibot_queue import TaskConsumer, TaskMessage, TaskProducer
+from semibot_queue.keys import KeySpace
+from support import FAST, Running, payload, wait_until
+
+KEYS = KeySpace("q")
+
+
+def consumer_for(url: str, handler: Any) -> TaskConsumer:
+    return TaskConsumer(url, "q", handler, 2, FAST, registry=CollectorRegistry())
+
+
+class TestStopAndJoin:
+    """stop() only asks; join() waits."""
+
+    def test_stop_returns_at_once_while_a_task_still_runs_and_join_waits_for_it(
+        self, redis_url: str
+    ) -> None:
+        started, release = threading.Event(), threading.Event()
+
+        def slow(message: TaskMessage) -> str:
+            started.set()
+            release.wait(10)
+            return "done"
+
+        consumer = consumer_for(redis_url, slow)
+        handle = Running(consumer)
+        handle.thread.start()
+        with TaskProducer(redis_url, "q", FAST, registry=CollectorRegistry()) as producer:
+            task_id = producer.enqueue(payload(0))
+            assert started.wait(10)
+            asked = time.monotonic()
+            consumer.stop()
+            assert time.monotonic() - asked < 0.1, "stop() blocked"
+            assert consumer.join(0.2) is False, "joined while a task still ran"
+            release.set()
+            assert consumer.join(10) is True
+            result = producer.wait_for_result(task_id, timeout=5)
+        handle.thread.join(5)
+        assert handle.error is None
+        assert result is not None
+        assert result.status == "succeeded"
+
+    def test_stop_from_a_handler_returns_and_the_worker_stops(self, redis_url: str) -> None:
+        returned = threading.Event()
+        consumer: list[TaskConsumer] = []
+
+        def stopping(message: TaskMessage) -> str:
+            consumer[0].stop()
+            returned.set()
+            return "stopped myself"
+
+        consumer.append(consumer_for(redis_url, stopping))
+        handle = Running(consumer[0])
+        handle.thread.start()
+        with TaskProducer(redis_url, "q", FAST, registry=CollectorRegistry()) as producer:
+            producer.enqueue(payload(0))
+        assert returned.wait(10), "stop() from a handler did not return"
+        assert consumer[0].join(10)
+        handle.thread.join(5)
+        assert handle.error is None
+
+
+class TestContextManager:
+    """``with TaskConsumer(...)`` runs it in a background thread, stopped and joined on exit."""
+
+    def test_tasks_run_inside_the_block_and_the_worker_is_gone_after_it(
+        self, redis_url: str, redis_client: Any
+    ) -> None:
+        with TaskProducer(redis_url, "q", FAST, registry=CollectorRegistry()) as producer:
+            task_id = producer.enqueue(payload(0))
+            with consumer_for(redis_url, lambda m: "ran") as consumer:
+                result = producer.wait_for_result(task_id, timeout=10)
+                assert consumer.join(0) is False
+            assert consumer.join(0) is True
+        assert result is not None
+        assert result.result == "ran"
+        assert redis_client.zscore(KEYS.workers, consumer.worker_id) is None
+
+
+class TestSignalHandlers:
+    """start() in the main thread installs SIGTERM/SIGINT handlers and restores them."""
+
+    def test_the_previous_handlers_are_back_when_start_returns(self, redis_url: str) -> None:
+        assert threading.current_thread() is threading.main_thread()
+
+        def mine(_signum: int, _frame: object) -> None:
+            """A handler of the application's own."""
+
+        previous = signal.signal(signal.SIGTERM, mine)
+        consumer = consumer_for(redis_url, lambda m: None)
+        try:
+            stopper = threading.Thread(
+                target=lambda: (
+                    wait_until(lambda: signal.getsignal(signal.SIGTERM) is not mine),
+                    consumer.stop(),
+                )
+            )
+            stopper.start()
+            consumer.start()  # blocks until the stopper saw the worker's handler and stopped it
+            stopper.join(10)
+            assert signal.getsignal(signal.SIGTERM) is mine
+        finally:
+            signal.signal(signal.SIGTERM, previous)
