@@ -24,7 +24,13 @@ from semibot_queue.errors import (
     SettingsError,
     TaskTimeoutError,
 )
-from semibot_queue.models import DeadLetterRecord, TaskMessage, TaskPayload, TaskResult
+from semibot_queue.models import (
+    DeadLetterRecord,
+    TaskMessage,
+    TaskPayload,
+    TaskResult,
+    TaskStatus,
+)
 from semibot_queue.producer import TaskProducer
 from semibot_queue.settings import QueueSettings
 
@@ -52,5 +58,6 @@ __all__ = [
     "TaskPayload",
     "TaskProducer",
     "TaskResult",
+    "TaskStatus",
     "TaskTimeoutError",
 ]

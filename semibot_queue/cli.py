@@ -1,7 +1,8 @@
 """The ``semibot-queue`` command line (also ``python -m semibot_queue``).
 
 Errors print one line on stderr and exit with a code of :class:`Exit`; ``--debug``
-adds the traceback.
+adds the traceback. A nonsense argument is a usage error (exit 2) naming the option;
+the arguments and their checks are in :mod:`semibot_queue.cli_parser`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ from typing import Any, TextIO
 import attrs
 
 from semibot_queue import logs, stats
+from semibot_queue.cli_parser import (
+    DEFAULT_WAIT,
+    UsageError,
+    build_parser,
+    check_metrics_address,
+    check_redis_url,
+    parse,
+)
 from semibot_queue.codec import Codec
 from semibot_queue.connection import (
     REDIS_ERRORS,
@@ -28,12 +37,7 @@ from semibot_queue.connection import (
     mask_url,
     translate,
 )
-from semibot_queue.constants import (
-    CLI_RECONNECT_ATTEMPTS,
-    DEFAULT_REDIS_URL,
-    ENV_PREFIX,
-    METRICS_HOST,
-)
+from semibot_queue.constants import CLI_RECONNECT_ATTEMPTS, ENV_PREFIX
 from semibot_queue.dead_letter import DeadLetterQueue
 from semibot_queue.errors import (
     InvalidTaskError,
@@ -47,19 +51,19 @@ from semibot_queue.producer import TaskProducer, default_redis_url
 from semibot_queue.settings import QueueSettings
 from semibot_queue.tables import print_dead_letters, print_record, print_stats
 
-#: Levels ``--log-level`` accepts.
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
 
 class Exit(enum.IntEnum):
     """Exit statuses of the command line (documented in the README)."""
 
     OK = 0
     ERROR = 1
+    #: A nonsense or missing argument; one line on stderr names the option.
     USAGE = 2
     UNREACHABLE = 3
+    #: No such dead letter; ``status`` of an unknown task; ``cancel`` of a task not live.
     NOT_FOUND = 4
     INVALID = 5
+    #: The queue is full; also ``dlq retry-all`` stopped early at a full queue.
     FULL = 6
     TIMEOUT = 7
     DECLINED = 8
@@ -76,63 +80,22 @@ class CommandError(QueueError):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="semibot-queue", description=__doc__.splitlines()[0])
-    parser.add_argument("--redis-url", help=f"default: $REDIS_URL, then {DEFAULT_REDIS_URL}")
-    parser.add_argument("--queue", help="queue name (default: agent:tasks)")
-    parser.add_argument("--debug", action="store_true", help="print tracebacks on errors")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    worker = commands.add_parser("worker", help="run tasks with MODULE:FUNCTION")
-    worker.add_argument("handler", metavar="MODULE:FUNCTION")
-    worker.add_argument("--concurrency", type=int, help="handlers run at once")
-    worker.add_argument("--metrics-port", type=int, help="serve /metrics on this port")
-    worker.add_argument("--metrics-host", default=METRICS_HOST)
-    worker.add_argument(
-        "--log-level", type=str.upper, default="INFO", choices=LOG_LEVELS, help="default INFO"
-    )
-    worker.add_argument("--log-format", choices=("text", "json"), default="text")
-
-    enqueue = commands.add_parser("enqueue", help="enqueue one task and print its id")
-    source = enqueue.add_mutually_exclusive_group(required=True)
-    source.add_argument("--json", metavar="FILE", help="payload as JSON, '-' for stdin")
-    source.add_argument("--session-id")
-    enqueue.add_argument("--agent-id")
-    enqueue.add_argument("--org-id")
-    enqueue.add_argument("--message", action="append", default=[], metavar="ROLE:TEXT")
-    enqueue.add_argument(
-        "--wait", nargs="?", type=float, const=-1.0, metavar="SECONDS", help="wait for the result"
-    )
-
-    stat = commands.add_parser("stats", help="pending, scheduled, in flight, dead letters")
-    stat.add_argument("--json", action="store_true")
-    stat.add_argument("--watch", type=float, metavar="SECONDS", help="repeat every SECONDS")
-
-    dlq = commands.add_parser("dlq", help="inspect and replay dead letters")
-    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
-    listing = dlq_commands.add_parser("list")
-    listing.add_argument("--limit", type=int, default=20)
-    listing.add_argument("--offset", type=int, default=0)
-    listing.add_argument("--json", action="store_true")
-    for name in ("show", "retry", "delete"):
-        one = dlq_commands.add_parser(name)
-        one.add_argument("task_id")
-        if name == "delete":
-            one.add_argument("--yes", action="store_true", help="do not ask")
-    dlq_commands.add_parser("retry-all")
-    dlq_commands.add_parser("purge").add_argument("--yes", action="store_true", help="do not ask")
-
-    demo = commands.add_parser("demo", help="producer and worker end to end in one process")
-    demo.add_argument("--tasks", type=int, default=36)
-    return parser
+    return build_parser("Run, feed and inspect a semibot_queue task queue on Redis.")
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run the command line with ``argv``; the exit status."""
-    args = _parser().parse_args(argv)
+    try:
+        args = parse(_parser(), argv)
+    except UsageError as exc:
+        print(f"semibot-queue: error: {exc}", file=sys.stderr)
+        return int(Exit.USAGE)  # no --debug traceback: there is nothing to trace
     stdout = out or sys.stdout
     if args.command not in ("worker", "demo"):
-        # One-shot commands print one line per error; the library's logs only with --debug.
-        logs.configure("WARNING" if args.debug else "CRITICAL")
+        # One-shot commands print one line per error; the library's logs only with
+        # --debug (WARNING) or --log-level.
+        level = args.log_level or ("WARNING" if args.debug else "CRITICAL")
+        logs.configure(level, args.log_format)
     try:
         return int(COMMANDS[args.command](args, stdout))
     except QueueError as exc:
@@ -142,6 +105,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
 #: The exit status of each kind of error, most specific first; any other QueueError
 #: (RedisCommandError, QueueOutOfMemoryError among them) exits ERROR.
 _STATUSES: tuple[tuple[type[QueueError], Exit], ...] = (
+    (UsageError, Exit.USAGE),
     (QueueConfigurationError, Exit.CONFIGURATION),
     (QueueConnectionError, Exit.UNREACHABLE),
     (QueueFullError, Exit.FULL),
@@ -172,7 +136,14 @@ def _settings(one_shot: bool = True) -> QueueSettings:
 
 
 def _url(args: argparse.Namespace) -> str:
-    return str(args.redis_url or default_redis_url())
+    """``--redis-url`` (checked as it was parsed), else ``$REDIS_URL``, checked here."""
+    if args.redis_url is not None:
+        return str(args.redis_url)
+    url = default_redis_url()
+    try:
+        return check_redis_url(url)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"environment variable REDIS_URL: {exc}") from None
 
 
 # --- worker ---------------------------------------------------------------------
@@ -198,14 +169,19 @@ def load_handler(spec: str) -> Callable[..., Any]:
 def _worker(args: argparse.Namespace, _out: TextIO) -> int:
     from semibot_queue.worker_process import run_worker  # noqa: PLC0415 - only the worker needs it
 
-    logs.configure(args.log_level, args.log_format)
+    logs.configure(args.log_level or "INFO", args.log_format)
+    url = _url(args)
+    metrics = None
+    if args.metrics_port is not None:
+        metrics = (args.metrics_host, args.metrics_port)
+        check_metrics_address(*metrics)
     return run_worker(
         handler=load_handler(args.handler),
-        redis_url=_url(args),
+        redis_url=url,
         queue=args.queue,
         settings=_settings(one_shot=False),
         concurrency=args.concurrency,
-        metrics=(args.metrics_host, args.metrics_port) if args.metrics_port else None,
+        metrics=metrics,
     )
 
 
@@ -250,16 +226,48 @@ def _enqueue(args: argparse.Namespace, out: TextIO) -> int:
     settings = _settings()
     payload = _payload(args, Codec(settings.max_payload_bytes))
     with TaskProducer(_url(args), args.queue, settings) as producer:
-        task_id = producer.enqueue(payload)
+        task_id = producer.enqueue(payload, delay=args.delay)
         print(task_id, file=out)
         if args.wait is None:
             return Exit.OK
-        timeout = None if args.wait < 0 else args.wait
+        out.flush()  # the id is useful while the wait goes on
+        timeout = None if args.wait is DEFAULT_WAIT else args.wait
         result = producer.wait_for_result(task_id, timeout=timeout)
     if result is None:
         raise CommandError(f"no result for task {task_id} in time", Exit.TIMEOUT)
     print(json.dumps(Codec(settings.max_payload_bytes).unstructure(result)), file=out)
     return Exit.OK if result.status == "succeeded" else Exit.ERROR
+
+
+# --- following one task ----------------------------------------------------------------
+
+
+def _task_status(args: argparse.Namespace, out: TextIO) -> int:
+    """Print the task's status word; ``unknown`` and NOT_FOUND for an id the queue does
+    not know (or whose result has expired)."""
+    with TaskProducer(_url(args), args.queue, _settings()) as producer:
+        status = producer.status(args.task_id)
+    print(status or "unknown", file=out)
+    return Exit.OK if status is not None else Exit.NOT_FOUND
+
+
+def _cancel(args: argparse.Namespace, out: TextIO) -> int:
+    """Cancel the task and say what became of it; NOT_FOUND when it was not live
+    (unknown, or already finished), with the status it has."""
+    task_id = args.task_id
+    with TaskProducer(_url(args), args.queue, _settings()) as producer:
+        cancelled = producer.cancel(task_id)
+        status = producer.status(task_id)
+    if not cancelled:
+        print(f"{task_id} not cancelled: {status or 'unknown'}", file=out)
+        return Exit.NOT_FOUND
+    if status == "running":
+        print(f"{task_id} asked to stop: it ends cancelled when its handler returns", file=out)
+    elif status in ("cancelled", None):
+        print(f"{task_id} cancelled", file=out)
+    else:  # it was running and ended before it saw the request
+        print(f"{task_id} asked to stop, but it ended first: {status}", file=out)
+    return Exit.OK
 
 
 # --- stats and dead letters -----------------------------------------------------------
@@ -314,7 +322,15 @@ def _dlq(args: argparse.Namespace, out: TextIO) -> int:
             else:
                 print_dead_letters(records, dlq.count(), out)
         elif command == "retry-all":
-            print(f"{dlq.retry_all()} dead letter(s) put back on pending", file=out)
+            moved = dlq.retry_all()
+            print(f"{int(moved)} dead letter(s) put back on pending", file=out)
+            if moved.stopped_early:
+                raise CommandError(
+                    f"queue {dlq.keys.queue} is full (MAX_QUEUE_LENGTH="
+                    f"{settings.max_queue_length}): stopped with {moved.remaining}"
+                    " dead letter(s) left",
+                    Exit.FULL,
+                )
         elif command == "purge":
             _confirm(args, f"delete every dead letter of {dlq.keys.queue}?")
             print(f"{dlq.purge()} dead letter(s) deleted", file=out)
@@ -348,7 +364,7 @@ def _dlq_one(args: argparse.Namespace, dlq: DeadLetterQueue, codec: Codec, out: 
 def _demo(args: argparse.Namespace, out: TextIO) -> int:
     from semibot_queue import demo  # noqa: PLC0415 - fakeredis is only needed here
 
-    logs.configure("WARNING")
+    logs.configure(args.log_level or "WARNING", args.log_format)
     queue = args.queue or _settings().default_queue_name
     return demo.run(args.redis_url, args.tasks, queue, out)
 
@@ -356,6 +372,8 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
     "worker": _worker,
     "enqueue": _enqueue,
+    "status": _task_status,
+    "cancel": _cancel,
     "stats": _stats,
     "dlq": _dlq,
     "demo": _demo,

@@ -17,14 +17,15 @@ import hashlib
 import math
 import re
 import time
-import traceback
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import attrs
 import cattrs
 
-from semibot_queue.constants import CANCELLED_ERROR, MAX_ERROR_CHARS, MAX_NAME_LENGTH
+from semibot_queue.constants import CANCELLED_ERROR, MAX_NAME_LENGTH
+from semibot_queue.error_text import describe_error, format_traceback
 from semibot_queue.errors import InvalidTaskError
 from semibot_queue.json_values import (
     NotJsonError,
@@ -36,10 +37,22 @@ from semibot_queue.json_values import dumps as _dumps
 from semibot_queue.json_values import loads as _loads
 from semibot_queue.models import DeadLetterRecord, TaskMessage, TaskPayload, TaskResult
 
+__all__ = [
+    "Codec",
+    "cancelled_result",
+    "describe_error",  # defined in error_text; found here by the outcome code
+    "fields_of",
+    "format_traceback",
+    "task_id_of",
+]
+
 T = TypeVar("T")
 
 #: Appended to a ``last_error`` shortened to keep a retry copy within MAX_PAYLOAD_BYTES.
 _SHORTENED = " [...]"
+
+#: Exact types whose values are immutable JSON values as they are (floats are not: NaN).
+_IMMUTABLE = frozenset({str, int, bool, type(None)})
 
 #: What follows the first ``"task_id"`` key of a body: the id, as lib_task_id.lua reads it.
 _TASK_ID_VALUE = re.compile(rb'\s*:\s*"([A-Za-z0-9_.:\-]+)"')
@@ -72,60 +85,6 @@ def cancelled_result(
         duration_s=duration_s,
         finished_at=time.time(),
     )
-
-
-# --- errors as text, whatever the exception does ------------------------------------------
-
-
-def describe_error(exc: BaseException) -> str:
-    """The message of ``exc`` (``str(exc)``), at most MAX_ERROR_CHARS, encodable as UTF-8.
-
-    Never raises, whatever the exception's ``__str__`` does (raise anything, return a
-    non-string, return lone surrogates or megabytes of text): a message that cannot be
-    had is described as such. The type is not included (callers add it where wanted).
-    """
-    try:
-        text = str(exc)
-        text = text if type(text) is str else str.__str__(text)
-    except BaseException as failure:  # noqa: BLE001 - nothing str() raises may escape
-        text = f"<str() of the exception raised {_type_name(failure)}>"
-    return _clip(text)
-
-
-def format_traceback(exc: BaseException) -> str:
-    """The traceback of ``exc`` as text, at most MAX_ERROR_CHARS (its start and its end
-    kept), encodable as UTF-8. Never raises."""
-    try:
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    except BaseException as failure:  # noqa: BLE001 - a traceback is best effort, never fatal
-        text = f"{describe_error(exc)}\n(no traceback: formatting it raised {_type_name(failure)})"
-    return _clip(text, keep_end=True)
-
-
-def _type_name(exc: BaseException) -> str:
-    try:
-        name = type(exc).__qualname__
-    except BaseException:  # noqa: BLE001 # pragma: no cover - a class always has a name
-        return "BaseException"
-    return name if type(name) is str else "BaseException"
-
-
-def _clip(text: str, *, keep_end: bool = False) -> str:
-    """``text`` cut to MAX_ERROR_CHARS (saying so), lone surrogates written as ``\\udXXX``."""
-    text = _cut(text, keep_end=keep_end)
-    safe = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return _cut(safe, keep_end=keep_end)  # escapes may have made it longer
-
-
-def _cut(text: str, *, keep_end: bool) -> str:
-    if len(text) <= MAX_ERROR_CHARS:
-        return text
-    cut = f" [... {len(text) - MAX_ERROR_CHARS} characters cut ...] "
-    room = max(MAX_ERROR_CHARS - len(cut), 0)
-    if not keep_end:
-        return text[:room] + cut.rstrip()
-    head = room // 2
-    return text[:head] + cut + text[len(text) - (room - head) :]
 
 
 # --- the Semibot runtime's task shape -------------------------------------------------------
@@ -172,20 +131,52 @@ class Codec:
         self._max_payload_bytes = max_payload_bytes
         self._converter = _strict_converter(forbid_extra_keys=False)
         self._closed = _strict_converter(forbid_extra_keys=True)
+        #: A payload's fields with their validators, run on the copy a new task writes.
+        self._payload_checks = [
+            (field.name, field.validator, field)
+            for field in attrs.fields(TaskPayload)
+            if field.validator is not None
+        ]
 
     # --- tasks ---------------------------------------------------------------
 
     def encode_new(self, payload: TaskPayload, enqueued_at: float) -> bytes:
         """JSON bytes of the never-delivered TaskMessage of ``payload``.
 
-        The same bytes as ``encode_message(TaskMessage.from_payload(...))``.
+        The same bytes as ``encode_message(TaskMessage.from_payload(...))``, and checked
+        as strictly: every validator of the payload's fields runs on the copy that is
+        written. Only the message is not built (the enqueue hot path): its other fields
+        are this codec's own constants and ``enqueued_at``, a finite float.
         """
-        history = {"enqueued_at": enqueued_at, "retry_count": 0, "delivery_count": 0}
-        return self._encode_task(_fields(payload) | history | {"last_error": None}, payload.task_id)
+        fields = _fields(payload)
+        # The top-level dict is this call's own: only its values need copying, and a
+        # value of an exact immutable JSON type is its own copy.
+        for name, value in fields.items():
+            if type(value) not in _IMMUTABLE:
+                fields[name] = self._copied(value, name, payload.task_id)
+        fields.update(enqueued_at=enqueued_at, retry_count=0, delivery_count=0, last_error=None)
+        self._check_payload(fields)
+        return self._dumped(fields, payload.task_id)
+
+    def _copied(self, value: Any, name: str, task_id: str) -> Any:
+        """``plain(value)`` under the payload limit, its errors as InvalidTaskError."""
+        try:
+            return plain(value, self._max_payload_bytes)
+        except TooLargeError:
+            raise InvalidTaskError(
+                f"task {task_id}: encoded size exceeds MAX_PAYLOAD_BYTES"
+                f" ({self._max_payload_bytes})"
+            ) from None
+        except NotJsonError as exc:
+            raise InvalidTaskError(f"{exc.where(name)}: not JSON-serialisable ({exc})") from None
+
+    def _check_payload(self, data: dict[str, Any]) -> None:
+        for name, validator, field in self._payload_checks:
+            validator(None, field, data[name])
 
     def encode_message(self, message: TaskMessage) -> bytes:
         """JSON bytes of ``message``; refuses what is not JSON or is too large."""
-        return self._encode_task(_fields(message), message.task_id)
+        return self._encode_task(_fields(message), message.task_id, _check_message)
 
     def encode_retry(self, message: TaskMessage) -> bytes:
         """JSON bytes of the copy of a task stored for its next attempt.
@@ -210,8 +201,10 @@ class Codec:
                 keep //= 2
         return bare
 
-    def _encode_task(self, fields: dict[str, Any], task_id: str) -> bytes:
-        """Copy, validate the copy as a TaskMessage, and encode that same copy."""
+    def _encode_task(
+        self, fields: dict[str, Any], task_id: str, check: Callable[[dict[str, Any]], None]
+    ) -> bytes:
+        """Copy, ``check`` the copy (raises InvalidTaskError), and encode that same copy."""
         try:
             data = plain(fields, self._max_payload_bytes)
         except TooLargeError:
@@ -221,7 +214,11 @@ class Codec:
             ) from None
         except NotJsonError as exc:
             raise InvalidTaskError(f"{exc.where()}: not JSON-serialisable ({exc})") from None
-        TaskMessage(**data)  # its validators, run on the very copy that is written
+        check(data)  # the validators, run on the very copy that is written
+        return self._dumped(data, task_id)
+
+    def _dumped(self, data: dict[str, Any], task_id: str) -> bytes:
+        """JSON bytes of the plain copy ``data`` of a task, within MAX_PAYLOAD_BYTES."""
         try:
             raw = _dumps(data)
         except UnicodeEncodeError:
@@ -360,6 +357,11 @@ class Codec:
             messages = cattrs.transform_error(exc, path=cls.__name__, format_exception=_describe)
             details = "; ".join(messages)
             raise InvalidTaskError(details) from None
+
+
+def _check_message(data: dict[str, Any]) -> None:
+    """A TaskMessage's validators, run on ``data``."""
+    TaskMessage(**data)
 
 
 def _fields(instance: Any) -> dict[str, Any]:

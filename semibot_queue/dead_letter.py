@@ -120,6 +120,9 @@ class RetriedCount(int):
         count.stopped_early = remaining > 0
         return count
 
+    def __str__(self) -> str:
+        return str(int(self))
+
     def __repr__(self) -> str:
         return f"RetriedCount({int(self)}, remaining={self.remaining})"
 

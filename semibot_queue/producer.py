@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import secrets
 import time
@@ -15,6 +14,7 @@ from types import TracebackType
 
 from prometheus_client import CollectorRegistry
 
+from semibot_queue.admission import LengthWatch, delay_ms, named, refuse_repeated_ids
 from semibot_queue.codec import Codec, cancelled_result
 from semibot_queue.connection import (
     REDIS_ERRORS,
@@ -41,9 +41,6 @@ log = logging.getLogger("semibot_queue.producer")
 
 #: Bytes of randomness in the token an enqueue call marks its task ids with.
 _TOKEN_BYTES = 8
-
-#: Task ids named at most in one DuplicateTaskError or InvalidTaskError message.
-_NAMED_IDS = 5
 
 #: What the enqueue script answers when the tasks do not fit, or an id is live.
 _FULL, _LIVE = -1, -2
@@ -79,18 +76,16 @@ class TaskProducer:
         self.redis_url = redis_url or default_redis_url()
         self.keys = KeySpace.of(queue_name, self.settings)
         self._codec = Codec(self.settings.max_payload_bytes)
-        self._metrics = Metrics(self.keys.queue, registry)
+        self.metrics = Metrics(self.keys.queue, registry)
         self._given_client = client
         self._client: Client | None = None
         self._scripts: Scripts | None = None
         self._waiters: ResultWaiters | None = None
         self._sessions: OrderedDict[str, str] = OrderedDict()
         self._retry = Reconnector(
-            self.redis_url, self.keys.queue, self.settings, on_retry=self._metrics.reconnects.inc
+            self.redis_url, self.keys.queue, self.settings, on_retry=self.metrics.reconnects.inc
         )
-        self._warning_interval = QUEUE_LENGTH_WARNING_INTERVAL
-        self._above_threshold = False
-        self._last_warning: float | None = None
+        self._length_watch = LengthWatch(QUEUE_LENGTH_WARNING_INTERVAL)
 
     # --- connection -----------------------------------------------------------
 
@@ -108,7 +103,7 @@ class TaskProducer:
             self._codec,
             self.settings,
             self._retry,
-            on_retry=self._metrics.reconnects.inc,
+            on_retry=self.metrics.reconnects.inc,
         )
 
     def disconnect(self) -> None:
@@ -156,10 +151,10 @@ class TaskProducer:
         """
         if not isinstance(payload, TaskPayload):
             raise InvalidTaskError(f"expected a TaskPayload, got {type(payload).__name__}")
-        delay_ms = None if delay is None else _delay_ms(delay)
+        ms = None if delay is None else delay_ms(delay)
         task_id = payload.task_id
         body = self._codec.encode_new(payload, time.time())
-        self._push([(task_id, payload.session_id, body)], delay_ms)
+        self._push([(task_id, payload.session_id, body)], ms)
         self._remember(task_id, payload.session_id)
         return task_id
 
@@ -171,7 +166,7 @@ class TaskProducer:
         Raises as ``enqueue`` does, for any one of them; a task id given twice in
         ``payloads`` is an InvalidTaskError. ``delay`` applies to all of them.
         """
-        delay_ms = None if delay is None else _delay_ms(delay)
+        ms = None if delay is None else delay_ms(delay)
         batch = list(payloads)
         if not batch:
             return []
@@ -180,10 +175,10 @@ class TaskProducer:
                 raise InvalidTaskError(
                     f"payload #{index}: expected a TaskPayload, got {type(payload).__name__}"
                 )
-        _refuse_repeated_ids(batch)
+        refuse_repeated_ids(batch)
         now = time.time()
         encode = self._codec.encode_new
-        self._push([(p.task_id, p.session_id, encode(p, now)) for p in batch], delay_ms)
+        self._push([(p.task_id, p.session_id, encode(p, now)) for p in batch], ms)
         for payload in batch:
             self._remember(payload.task_id, payload.session_id)
         return [payload.task_id for payload in batch]
@@ -203,23 +198,24 @@ class TaskProducer:
         if length == _LIVE:
             ids = [tasks[i][0] for i in live]
             raise DuplicateTaskError(
-                f"queue {self.keys.queue}: task id {_named(ids)} still live (enqueued less"
+                f"queue {self.keys.queue}: task id {named(ids)} still live (enqueued less"
                 f" than IDEMPOTENCY_TTL={limits[1]}s ago and not finished, cleared or"
                 f" purged, or cancelled and not yet dropped by a worker):"
                 f" {len(tasks)} task(s) refused, nothing written"
             )
         if length == _FULL:
             self._refuse_full(len(tasks), first)
-        self._metrics.enqueued.inc(len(tasks))
-        self._metrics.queue_length.set(length)
-        self._metrics.scheduled_length.set(scheduled)
+        self.metrics.enqueued.inc(len(tasks))
+        self.metrics.queue_length.set(length)
+        if delay_ms is not None:
+            self.metrics.scheduled_length.set(scheduled)
         self._watch_length(length, tasks[-1][0])
 
     def _refuse_full(self, count: int, first: str) -> None:
         limit = self.settings.max_queue_length
-        self._metrics.rejected.inc(count)
+        self.metrics.rejected.inc(count)
         log.error(
-            "queue %s full (limit %d, pending and scheduled): refused %d task(s), first %s",
+            "queue %s full (limit %d): refused %d task(s), first %s",
             self.keys.queue,
             limit,
             count,
@@ -235,17 +231,8 @@ class TaskProducer:
         """Warn when the pending length crosses the threshold from below, at most once
         per QUEUE_LENGTH_WARNING_INTERVAL; staying above it says nothing more."""
         threshold = self.settings.queue_length_warning_threshold
-        if length < threshold:
-            self._above_threshold = False
+        if not self._length_watch.crossed(length, threshold):
             return
-        if self._above_threshold:
-            return
-        self._above_threshold = True
-        now = time.monotonic()
-        last = self._last_warning
-        if last is not None and now - last < self._warning_interval:
-            return
-        self._last_warning = now
         log.warning(
             "queue %s has %d pending tasks: crossed the warning threshold %d; last task %s",
             self.keys.queue,
@@ -346,6 +333,8 @@ class TaskProducer:
         waiters = self._waiters
         if waiters is None:  # pragma: no cover - set by connect
             raise QueueError("producer is not connected")
+        if wait == 0:
+            return self.get_result(task_id)
         session = session_id if session_id is not None else self._sessions.get(task_id)
         result = waiters.wait(task_id, float(min(wait, 1e9)), session)
         if result is not None:
@@ -358,7 +347,7 @@ class TaskProducer:
         """Tasks pending now."""
         client, _ = self._connected()
         length = int(self._retry.call("get_queue_length", lambda: client.llen(self.keys.pending)))
-        self._metrics.queue_length.set(length)
+        self.metrics.queue_length.set(length)
         return length
 
     def clear_queue(self) -> int:
@@ -384,44 +373,9 @@ class TaskProducer:
             removed,
             extra={"queue": self.keys.queue},
         )
-        self._metrics.queue_length.set(left)
+        self.metrics.queue_length.set(left)
         self._watch_length(left, "")
         return removed
 
     def __repr__(self) -> str:
         return f"TaskProducer(queue={self.keys.queue!r}, redis_url={self._retry.url!r})"
-
-
-def _delay_ms(delay: object) -> int | None:
-    """``delay`` seconds as whole milliseconds (rounded up); None for 0 (pending at once).
-    InvalidTaskError naming ``delay`` unless it is a finite number >= 0."""
-    try:
-        valid = not isinstance(delay, bool) and isinstance(delay, (int, float))
-        ms = float(delay) * 1000 if valid else math.nan  # type: ignore[arg-type]
-    except OverflowError:
-        ms = math.inf
-    if not (math.isfinite(ms) and ms >= 0):
-        raise InvalidTaskError(f"delay: must be a finite number of seconds >= 0, got {delay!r}")
-    return math.ceil(ms) or None
-
-
-def _named(ids: list[str]) -> str:
-    """Up to _NAMED_IDS task ids for a message, with how many more there are."""
-    shown = ", ".join(ids[:_NAMED_IDS])
-    return shown if len(ids) <= _NAMED_IDS else f"{shown} (and {len(ids) - _NAMED_IDS} more)"
-
-
-def _refuse_repeated_ids(batch: list[TaskPayload]) -> None:
-    """InvalidTaskError naming each task id given more than once, and where."""
-    positions: dict[str, list[int]] = {}
-    for index, payload in enumerate(batch):
-        positions.setdefault(payload.task_id, []).append(index)
-    repeated = [(task_id, where) for task_id, where in positions.items() if len(where) > 1]
-    if repeated:
-        named = "; ".join(
-            f"{task_id} at positions {', '.join(map(str, where))}"
-            for task_id, where in repeated[:_NAMED_IDS]
-        )
-        raise InvalidTaskError(
-            f"enqueue_many: a task id may appear once per call, got {named}: nothing written"
-        )

@@ -233,11 +233,12 @@ class Scripts:
         reply) writes nothing.
         """
         k = self._keys
-        keys = [k.pending, k.scheduled, k.state, k.cancel]
+        keys = [k.pending, k.scheduled, k.state]
         args: list[Any] = [*limits, token, b"" if delay_ms is None else delay_ms]
+        word = "pending " if delay_ms is None else "scheduled "
         for task_id, session_id, task in tasks:
             keys += [k.accepted(task_id), k.result(task_id)]
-            args += [task, task_id, session_id]
+            args += [task, task_id, word + session_id]
         status, *rest = self._enqueue(keys=keys, args=args)
         if status < 0:
             return int(status), 0, [int(p) - 1 for p in rest]

@@ -131,9 +131,9 @@ class ResultWaiters:
                 raise waiter.error
             if self._fatal is not None:
                 raise self._fatal
-            if self._up or waiter.checked:
-                return None
             error = self._error
+            if self._up or waiter.checked or error is None:
+                return None  # Redis answered (or was still being dialled): no result yet
         raise QueueConnectionError(
             f"queue {self._keys.queue}: no result for task {waiter.task_id} within"
             f" {timeout:g}s: Redis at {self._reconnect.url} could not be asked"

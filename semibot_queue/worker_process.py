@@ -22,6 +22,9 @@ EXIT_UNREACHABLE = 3
 #: Exit status of a worker that cannot go on for another reason (its tasks are recovered).
 EXIT_FAILED = 1
 
+#: Exit status of a worker given an option it cannot use (a metrics port taken).
+EXIT_USAGE = 2
+
 #: Exit status of a worker refused by Redis: wrong password, ACL, certificate.
 EXIT_CONFIGURATION = 9
 
@@ -45,7 +48,11 @@ def run_worker(
     server = None
     if metrics is not None:
         host, port = metrics
-        server, _ = start_http_server(port, addr=host, registry=REGISTRY)
+        try:
+            server, _ = start_http_server(port, addr=host, registry=REGISTRY)
+        except OSError as exc:  # taken since the command line checked it
+            log.error("metrics endpoint %s:%d cannot be opened: %s", host, port, exc)
+            return EXIT_USAGE
         log.info("metrics on http://%s:%d/metrics", host, port)
     status = 0
     try:

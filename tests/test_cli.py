@@ -17,6 +17,7 @@ import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -320,10 +321,10 @@ class TestEnqueue:
         assert "SEMIBOT_QUEUE_MAX_QUEUE_LENGTH='lots'" in error_line(capsys.readouterr().err)
 
     def test_no_payload_at_all_is_a_usage_error(self, redis_url, capsys):
-        with pytest.raises(SystemExit) as exited:
-            cli("--redis-url", redis_url, "enqueue", "--agent-id", "a")
-        assert exited.value.code == 2
-        assert "one of the arguments --json --session-id is required" in capsys.readouterr().err
+        status, out = cli("--redis-url", redis_url, "enqueue", "--agent-id", "a")
+        assert (status, out) == (Exit.USAGE, "")
+        line = error_line(capsys.readouterr().err)
+        assert "one of the arguments --json --session-id is required" in line
 
     def test_a_full_queue_exits_6_and_keeps_what_was_there(
         self, redis_url, redis_client, monkeypatch, capsys
@@ -337,7 +338,7 @@ class TestEnqueue:
         status, out = cli(*argv)
         assert status == Exit.FULL == 6
         assert out == ""
-        assert "is full (MAX_QUEUE_LENGTH=1)" in error_line(capsys.readouterr().err)
+        assert "is full (MAX_QUEUE_LENGTH=1" in error_line(capsys.readouterr().err)
         assert len(pending(redis_client)) == 1
 
     def test_wait_prints_the_result_of_a_running_worker(self, redis_url):
@@ -963,14 +964,11 @@ class TestWorker:
         )
 
     def test_an_unknown_log_level_is_a_usage_error(self, redis_url, capsys):
-        try:
-            status, _ = cli(
-                "--redis-url", redis_url, "worker", "cli_handlers:echo", "--log-level", "LOUD"
-            )
-        except SystemExit as exc:  # argparse refusing it is fine too
-            status = exc.code
+        status, _ = cli(
+            "--redis-url", redis_url, "worker", "cli_handlers:echo", "--log-level", "LOUD"
+        )  # fmt: skip
         assert status == Exit.USAGE
-        assert "LOUD" in capsys.readouterr().err.splitlines()[-1]
+        assert "argument --log-level: invalid choice: 'LOUD'" in error_line(capsys.readouterr().err)
 
     def test_subprocess_bad_handler_exits_5(self, redis_url):
         done = run(MODULE, "worker", "nonexistent_module_xyz:f", env=cli_env(redis_url))
@@ -1093,3 +1091,530 @@ class TestDemo:
         done = run(MODULE, "--redis-url", redis_url, "demo", "--tasks", "4", env=cli_env())
         assert done.returncode == 0, done.stderr
         assert done.stdout.splitlines()[-1].startswith("summary: 4/4 succeeded")
+
+
+# --- usage errors (issue 9) -----------------------------------------------------------
+
+#: ``--redis-url`` of an unreachable Redis, given after the command: a value that slipped
+#: through unchecked would end in exit 3 (or 0), never in the usage error these expect.
+U = ("--redis-url", UNREACHABLE)
+#: A payload made of flags, for ``enqueue``.
+TASK = ("--session-id", "s", "--agent-id", "a", "--org-id", "o")
+#: A task id longer than any key may hold.
+LONG_ID = "t" * 201
+
+#: Every option (and positional) of every command with values that make no sense:
+#: ``(argv, the option the error line must name)``.
+BAD_VALUES = [
+    # worker
+    (["worker", "cli_handlers:echo", "--concurrency", "0", *U], "--concurrency"),
+    (["worker", "cli_handlers:echo", "--concurrency", "-3", *U], "--concurrency"),
+    (["worker", "cli_handlers:echo", "--concurrency", "2.5", *U], "--concurrency"),
+    (["worker", "cli_handlers:echo", "--concurrency", "many", *U], "--concurrency"),
+    (["worker", "cli_handlers:echo", "--metrics-port", "0", *U], "--metrics-port"),
+    (["worker", "cli_handlers:echo", "--metrics-port", "-1", *U], "--metrics-port"),
+    (["worker", "cli_handlers:echo", "--metrics-port", "65536", *U], "--metrics-port"),
+    (["worker", "cli_handlers:echo", "--metrics-port", "http", *U], "--metrics-port"),
+    (["worker", "cli_handlers:echo", "--metrics-host", "", *U], "--metrics-host"),
+    (["worker", "cli_handlers:echo", "--metrics-host", "a host", *U], "--metrics-host"),
+    # enqueue
+    (["enqueue", *TASK, "--delay", "-1", *U], "--delay"),
+    (["enqueue", *TASK, "--delay", "nan", *U], "--delay"),
+    (["enqueue", *TASK, "--delay", "inf", *U], "--delay"),
+    (["enqueue", *TASK, "--delay", "1e999", *U], "--delay"),
+    (["enqueue", *TASK, "--delay", "soon", *U], "--delay"),
+    (["enqueue", *TASK, "--wait", "-5", *U], "--wait"),
+    (["enqueue", *TASK, "--wait=-inf", *U], "--wait"),
+    (["enqueue", *TASK, "--wait", "nan", *U], "--wait"),
+    (["enqueue", *TASK, "--wait", "inf", *U], "--wait"),
+    (["enqueue", *TASK, "--wait", "later", *U], "--wait"),
+    # status and cancel
+    (["status", "a b", *U], "ID"),
+    (["status", "", *U], "ID"),
+    (["status", LONG_ID, *U], "ID"),
+    (["cancel", "{agent:tasks}", *U], "ID"),
+    (["cancel", "", *U], "ID"),
+    # stats
+    (["stats", "--watch", "-1", *U], "--watch"),
+    (["stats", "--watch", "0", *U], "--watch"),
+    (["stats", "--watch", "nan", *U], "--watch"),
+    (["stats", "--watch", "inf", *U], "--watch"),
+    (["stats", "--watch", "often", *U], "--watch"),
+    # dlq
+    (["dlq", "list", "--limit", "-1", *U], "--limit"),
+    (["dlq", "list", "--limit", "inf", *U], "--limit"),
+    (["dlq", "list", "--limit", "nan", *U], "--limit"),
+    (["dlq", "list", "--limit", "1.5", *U], "--limit"),
+    (["dlq", "list", "--offset", "-1", *U], "--offset"),
+    (["dlq", "list", "--offset", "first", *U], "--offset"),
+    (["dlq", "show", "", *U], "ID"),
+    (["dlq", "retry", " ", *U], "ID"),
+    (["dlq", "delete", "", "--yes", *U], "ID"),
+    # demo (an unchecked count would run on the unreachable Redis: exit 3)
+    (["demo", "--tasks", "-1", *U], "--tasks"),
+    (["demo", "--tasks", "0", *U], "--tasks"),
+    (["demo", "--tasks", "10001", *U], "--tasks"),
+    (["demo", "--tasks", "lots", *U], "--tasks"),
+    # global options, before and after the command
+    (["--queue", "bad name", "stats", *U], "--queue"),
+    (["stats", "--queue", "bad name", *U], "--queue"),
+    (["dlq", "list", "--queue", "", *U], "--queue"),
+    (["--queue", "{other}", "enqueue", *TASK, *U], "--queue"),
+    (["--redis-url", "", "stats"], "--redis-url"),
+    (["stats", "--redis-url", "localhost:6379"], "--redis-url"),
+    (["stats", "--redis-url", "http://127.0.0.1:1/0"], "--redis-url"),
+    (["dlq", "list", "--redis-url", "redis://127.0.0.1:port/0"], "--redis-url"),
+    (["stats", "--redis-url", "redis://127.0.0.1:1/0?socket_timeout=soon"], "--redis-url"),
+    (["--log-level", "LOUD", "stats", *U], "--log-level"),
+    (["stats", "--log-level", "LOUD", *U], "--log-level"),
+    (["worker", "cli_handlers:echo", "--log-format", "xml", *U], "--log-format"),
+    (["status", "t-1", "--log-format", "yaml", *U], "--log-format"),
+]
+
+
+def usage_id(case: tuple[list[str], str]) -> str:
+    argv, _ = case
+    shown = [a if a else "''" for a in argv if a not in U]
+    return " ".join(shown)[:60]
+
+
+@pytest.fixture
+def fast_reconnect(monkeypatch) -> None:
+    """Give up on an unreachable Redis in milliseconds."""
+    for name, value in FAST_RECONNECT.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.usefixtures("fast_reconnect")
+class TestUsageErrors:
+    """A nonsense value of any option is exit 2 with one line that names the option."""
+
+    # Was a bug (issue 9): `--concurrency 0` ran 10 slots; `--limit -1`, `--watch -1`,
+    # `--wait -5` and `demo --tasks -1` were not usage errors.
+    @pytest.mark.parametrize(("argv", "option"), BAD_VALUES, ids=map(usage_id, BAD_VALUES))
+    def test_a_nonsense_value_exits_2_naming_the_option(self, argv, option, capsys):
+        status, out = cli(*argv)
+        assert (status, out) == (Exit.USAGE, "")
+        line = error_line(capsys.readouterr().err)
+        assert f"error: argument {option}: " in line
+
+    @pytest.mark.parametrize(
+        ("argv", "says"),
+        [
+            ([], "the following arguments are required: COMMAND"),
+            (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
+            (["dlq", *U], "the following arguments are required: ACTION"),
+            (["status", *U], "the following arguments are required: ID"),
+            (["worker", *U], "the following arguments are required: MODULE:FUNCTION"),
+            (["stats", "--frobnicate", *U], "unrecognized arguments: --frobnicate"),
+            ([*U, "stats", "--watch"], "argument --watch: expected one argument"),
+            (["enqueue", "--json", "-", "--session-id", "s", *U], "not allowed with argument"),
+        ],
+        ids=["nothing", "unknown command", "dlq", "status", "worker", "unknown option",
+             "watch without value", "json and flags"],
+    )  # fmt: skip
+    def test_a_missing_or_unknown_argument_exits_2_naming_it(self, argv, says, capsys):
+        status, out = cli(*argv)
+        assert (status, out) == (Exit.USAGE, "")
+        assert says in error_line(capsys.readouterr().err)
+
+    def test_the_line_points_to_the_commands_help(self, capsys):
+        assert cli("dlq", "list", "--limit", "-1")[0] == Exit.USAGE
+        assert error_line(capsys.readouterr().err) == (
+            "semibot-queue: error: argument --limit: must be a whole number >= 0, got '-1'"
+            " (see 'semibot-queue dlq list --help')"
+        )
+
+    def test_a_password_in_a_refused_url_is_masked(self, capsys):
+        assert cli("stats", "--redis-url", "redis://ops:s3cret@host:port/0")[0] == Exit.USAGE
+        line = error_line(capsys.readouterr().err)
+        assert "s3cret" not in line
+        assert "ops:***@host:port" in line
+
+    def test_a_url_without_a_scheme_is_not_echoed(self, capsys):
+        assert cli("stats", "--redis-url", "ops:s3cret@localhost:6379")[0] == Exit.USAGE
+        line = error_line(capsys.readouterr().err)
+        assert "argument --redis-url: must be a URL such as redis://" in line
+        assert "s3cret" not in line
+
+    def test_a_bad_redis_url_in_the_environment_exits_2_naming_it(self, monkeypatch, capsys):
+        monkeypatch.setenv("REDIS_URL", "localhost:6379")
+        assert cli("stats") == (Exit.USAGE, "")
+        assert "environment variable REDIS_URL: must be a URL" in error_line(
+            capsys.readouterr().err
+        )
+
+    def test_a_metrics_port_in_use_exits_2_naming_it(self, capsys):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            status, _ = cli("worker", "cli_handlers:echo", "--metrics-port", str(port), *U)
+        assert status == Exit.USAGE
+        line = error_line(capsys.readouterr().err)
+        assert f"argument --metrics-port: cannot serve metrics on 127.0.0.1:{port}" in line
+
+    def test_a_metrics_host_not_on_this_machine_exits_2_naming_it(self, capsys):
+        # 192.0.2.0/24 is TEST-NET-1: never a local address, refused without a DNS lookup.
+        argv = ["--metrics-host", "192.0.2.1", "--metrics-port", str(free_port())]
+        status, _ = cli("worker", "cli_handlers:echo", *argv, *U)
+        assert status == Exit.USAGE
+        assert "argument --metrics-host: cannot serve metrics on 192.0.2.1" in error_line(
+            capsys.readouterr().err
+        )
+
+    def test_a_metrics_host_that_cannot_be_resolved_exits_2_naming_it(self, capsys):
+        host = "a" * 64 + ".example"  # a label too long: refused before any DNS lookup
+        argv = ["--metrics-host", host, "--metrics-port", str(free_port())]
+        status, _ = cli("worker", "cli_handlers:echo", *argv, *U)
+        assert status == Exit.USAGE
+        assert f"argument --metrics-host: cannot resolve '{host}'" in error_line(
+            capsys.readouterr().err
+        )
+
+    def test_nothing_is_written_by_a_refused_command(self, redis_url, redis_client):
+        for argv in (
+            ["enqueue", *TASK, "--delay", "-1"],
+            ["enqueue", *TASK, "--wait", "-5"],
+            ["dlq", "purge", "--yes", "--queue", "bad name"],
+        ):
+            assert cli(*argv, "--redis-url", redis_url)[0] == Exit.USAGE
+        assert redis_client.dbsize() == 0
+
+    @pytest.mark.parametrize(
+        ("argv", "option"),
+        [
+            (["worker", "cli_handlers:echo", "--concurrency", "0"], "--concurrency"),
+            (["stats", "--watch", "-1"], "--watch"),
+            (["dlq", "list", "--limit", "-1"], "--limit"),
+            (["enqueue", *TASK, "--wait", "-5"], "--wait"),
+            (["demo", "--tasks", "-1"], "--tasks"),
+        ],
+        ids=["concurrency", "watch", "limit", "wait", "tasks"],
+    )
+    def test_subprocess_exits_2_with_one_line(self, launcher, argv, option):
+        done = run(launcher, *argv, *U, env=cli_env(**FAST_RECONNECT))
+        assert done.returncode == 2, done.stderr
+        assert done.stdout == ""
+        assert f"argument {option}: " in error_line(done.stderr)
+
+
+# --- global options anywhere (issue 9) -------------------------------------------------
+
+
+class TestGlobalOptionsAnywhere:
+    """``--redis-url``, ``--queue``, ``--debug``, ``--log-*`` before or after the command."""
+
+    def test_stats_with_the_redis_url_after_the_command(self, redis_url, monkeypatch):
+        monkeypatch.delenv("REDIS_URL", raising=False)
+        status, out = cli("stats", "--json", "--redis-url", redis_url, "--queue", "ops:q")
+        assert status == Exit.OK
+        assert json.loads(out)["queue"] == "ops:q"
+
+    # Was a bug (issue 9): `semibot-queue stats --redis-url U` exited 2.
+    def test_subprocess_stats_redis_url_after_the_command(self, launcher, redis_url):
+        done = run(launcher, "stats", "--redis-url", redis_url, "--json", env=cli_env())
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["pending"] == 0
+
+    def test_enqueue_with_queue_and_url_after_the_command(self, redis_url, redis_client):
+        status, out = cli("enqueue", *TASK, "--queue", "ops:q", "--redis-url", redis_url)
+        assert status == Exit.OK
+        assert [t["task_id"] for t in pending(redis_client, KeySpace("ops:q"))] == [out.strip()]
+        assert pending(redis_client) == []
+
+    def test_dlq_takes_them_between_dlq_and_its_action_and_after_it(self, redis_url):
+        [task_id] = dead_letter(redis_url, 1, "ops:q")
+        for argv in (
+            ["dlq", "--queue", "ops:q", "--redis-url", redis_url, "list", "--json"],
+            ["dlq", "list", "--json", "--queue", "ops:q", "--redis-url", redis_url],
+        ):
+            status, out = cli(*argv)
+            assert status == Exit.OK
+            assert [r["task_id"] for r in json.loads(out)] == [task_id]
+
+    def test_given_before_and_after_the_later_one_wins(self, redis_url):
+        status, out = cli(
+            "--queue", "first:q", "--redis-url", UNREACHABLE,
+            "stats", "--json", "--queue", "second:q", "--redis-url", redis_url,
+        )  # fmt: skip
+        assert status == Exit.OK
+        assert json.loads(out)["queue"] == "second:q"
+
+    def test_given_only_before_it_is_kept(self, redis_url):
+        status, out = cli("--queue", "first:q", "--redis-url", redis_url, "stats", "--json")
+        assert status == Exit.OK
+        assert json.loads(out)["queue"] == "first:q"
+
+    def test_debug_after_the_command_adds_the_traceback(self, capsys):
+        status, _ = cli("stats", "--redis-url", UNREACHABLE, "--debug")
+        assert status == Exit.UNREACHABLE
+        err = capsys.readouterr().err
+        assert err.startswith("Traceback (most recent call last):")
+        assert err.splitlines()[-1].startswith("semibot-queue: error: cannot read stats from")
+
+    def test_log_options_after_a_one_shot_command_show_the_librarys_logs(self, redis_url, capsys):
+        task_id = cli("enqueue", *TASK, "--redis-url", redis_url)[1].strip()
+        status, out = cli(
+            "cancel", task_id, "--redis-url", redis_url, "--log-level", "info",
+            "--log-format", "json",
+        )  # fmt: skip
+        assert status == Exit.OK
+        assert out == f"{task_id} cancelled\n"
+        [entry] = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+        assert entry["level"] == "INFO"
+        assert entry["task_id"] == task_id
+        assert "cancelled before it ran" in entry["message"]
+
+    def test_without_log_options_a_one_shot_command_logs_nothing(self, redis_url, capsys):
+        task_id = cli("enqueue", *TASK, "--redis-url", redis_url)[1].strip()
+        assert cli("cancel", task_id, "--redis-url", redis_url)[0] == Exit.OK
+        assert capsys.readouterr().err == ""
+
+    def test_subprocess_worker_takes_log_options_before_the_command(self):
+        done = run(
+            MODULE, "--log-format", "json", "--log-level", "debug", "--redis-url", UNREACHABLE,
+            "worker", "cli_handlers:echo", env=cli_env(**FAST_RECONNECT),
+        )  # fmt: skip
+        assert done.returncode == 3
+        entries = [json.loads(line) for line in done.stderr.splitlines()]
+        assert any("worker giving up" in e["message"] for e in entries)
+
+    @pytest.mark.parametrize("argv", [["stats"], ["dlq", "list"], ["cancel"]])
+    def test_help_of_a_command_lists_the_global_options(self, argv, capsys):
+        with pytest.raises(SystemExit) as exited:
+            main([*argv, "--help"])
+        assert exited.value.code == 0
+        text = capsys.readouterr().out
+        assert "global options (before or after the command):" in text
+        for option in ("--redis-url URL", "--queue NAME", "--debug", "--log-level LEVEL"):
+            assert option in text
+
+
+# --- status and cancel (issue 9) -----------------------------------------------------
+
+
+class Gate:
+    """A handler that holds its task until released or cancelled; what it saw."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.saw_cancel = threading.Event()
+
+    def __call__(self, message) -> str:
+        self.started.set()
+        deadline = time.monotonic() + 30
+        while not self.release.is_set() and time.monotonic() < deadline:
+            if message.cancel_requested():
+                self.saw_cancel.set()
+                return "stopped"
+            time.sleep(0.01)
+        return "done"
+
+
+def status_of(url: str, task_id: str) -> str:
+    """What ``semibot-queue status`` prints for ``task_id``."""
+    return cli("--redis-url", url, "status", task_id)[1].strip()
+
+
+class TestStatus:
+    """``status ID`` prints the status word; ``unknown`` with exit 4."""
+
+    def test_enqueue_with_delay_is_scheduled(self, redis_url, redis_client):
+        status, out = cli("--redis-url", redis_url, "enqueue", *TASK, "--delay", "3600")
+        assert status == Exit.OK
+        task_id = out.strip()
+        assert cli("--redis-url", redis_url, "status", task_id) == (Exit.OK, "scheduled\n")
+        assert pending(redis_client) == []
+        assert redis_client.zcard(KEYS.scheduled) == 1
+
+    def test_a_delayed_task_runs_once_due_and_wait_counts_from_the_enqueue(self, redis_url):
+        consumer = TaskConsumer(redis_url, None, echo, 1, FAST, registry=CollectorRegistry())
+        with running(consumer):
+            started = time.monotonic()
+            status, out = cli(
+                "--redis-url", redis_url, "enqueue", *TASK, "--message", "user:later",
+                "--delay", "0.5", "--wait", "10",
+            )  # fmt: skip
+            elapsed = time.monotonic() - started
+        assert status == Exit.OK
+        task_id, line = out.splitlines()
+        assert json.loads(line)["result"] == {"agent": "a", "echo": "later"}
+        assert elapsed >= 0.5
+        assert status_of(redis_url, task_id) == "succeeded"
+
+    def test_delay_0_is_pending_at_once(self, redis_url, redis_client):
+        task_id = cli("--redis-url", redis_url, "enqueue", *TASK, "--delay", "0")[1].strip()
+        assert [t["task_id"] for t in pending(redis_client)] == [task_id]
+        assert status_of(redis_url, task_id) == "pending"
+
+    def test_through_pending_running_and_succeeded(self, redis_url):
+        task_id = cli("--redis-url", redis_url, "enqueue", *TASK)[1].strip()
+        assert cli("--redis-url", redis_url, "status", task_id) == (Exit.OK, "pending\n")
+        gate = Gate()
+        consumer = TaskConsumer(redis_url, None, gate, 1, FAST, registry=CollectorRegistry())
+        with running(consumer):
+            assert gate.started.wait(10)
+            assert cli("--redis-url", redis_url, "status", task_id) == (Exit.OK, "running\n")
+            gate.release.set()
+            wait_until(lambda: status_of(redis_url, task_id) == "succeeded", what="succeeded")
+        assert cli("status", task_id, "--redis-url", redis_url) == (Exit.OK, "succeeded\n")
+
+    def test_a_dead_lettered_task_is_dead(self, redis_url):
+        [task_id] = dead_letter(redis_url, 1)
+        assert cli("--redis-url", redis_url, "status", task_id) == (Exit.OK, "dead\n")
+
+    def test_an_unknown_task_prints_unknown_and_exits_4(self, redis_url, capsys):
+        status, out = cli("--redis-url", redis_url, "status", "no-such-task")
+        assert (status, out) == (Exit.NOT_FOUND, "unknown\n")
+        assert capsys.readouterr().err == ""
+
+    def test_subprocess_status_and_its_exit_statuses(self, launcher, redis_url):
+        env = cli_env(redis_url)
+        enqueued = run(launcher, "enqueue", *TASK, "--delay", "3600", env=env)
+        task_id = enqueued.stdout.strip()
+        done = run(launcher, "status", task_id, env=env)
+        assert (done.returncode, done.stdout, done.stderr) == (0, "scheduled\n", "")
+        done = run(launcher, "status", "no-such-task", env=env)
+        assert (done.returncode, done.stdout, done.stderr) == (4, "unknown\n", "")
+
+    @pytest.mark.usefixtures("fast_reconnect")
+    def test_unreachable_redis_exits_3(self, capsys):
+        assert cli("--redis-url", UNREACHABLE, "status", "t-1") == (Exit.UNREACHABLE, "")
+        assert "unreachable after 2 attempts" in error_line(capsys.readouterr().err)
+
+
+class TestCancel:
+    """``cancel ID`` says what became of the task; exit 4 when it was not live."""
+
+    def test_a_pending_task_is_cancelled_and_never_runs(self, redis_url):
+        task_id = cli("--redis-url", redis_url, "enqueue", *TASK)[1].strip()
+        assert cli("--redis-url", redis_url, "cancel", task_id) == (
+            Exit.OK,
+            f"{task_id} cancelled\n",
+        )
+        assert status_of(redis_url, task_id) == "cancelled"
+        ran: list[str] = []
+        consumer = TaskConsumer(
+            redis_url, None, lambda m: ran.append(m.task_id), 1, FAST, registry=CollectorRegistry()
+        )
+        producer = TaskProducer(redis_url, None, FAST, registry=CollectorRegistry())
+        # The worker takes the cancelled body and drops it; the next task does run.
+        with running(consumer), producer:
+            after = producer.enqueue(payload(1))
+            assert producer.wait_for_result(after, timeout=10) is not None
+        assert ran == [after]
+        assert status_of(redis_url, task_id) == "cancelled"
+
+    def test_a_scheduled_task_is_cancelled(self, redis_url):
+        task_id = cli("--redis-url", redis_url, "enqueue", *TASK, "--delay", "3600")[1].strip()
+        assert cli("cancel", task_id, "--redis-url", redis_url) == (
+            Exit.OK,
+            f"{task_id} cancelled\n",
+        )
+        assert status_of(redis_url, task_id) == "cancelled"
+
+    def test_the_waiter_of_a_cancelled_task_gets_the_cancelled_result(self, redis_url):
+        with TaskProducer(redis_url, None, FAST, registry=CollectorRegistry()) as producer:
+            task_id = producer.enqueue(payload(0))
+            assert cli("--redis-url", redis_url, "cancel", task_id)[0] == Exit.OK
+            result = producer.wait_for_result(task_id, timeout=5)
+        assert result is not None
+        assert result.status == "cancelled"
+
+    def test_a_running_task_is_asked_to_stop_and_ends_cancelled(self, redis_url):
+        task_id = cli("--redis-url", redis_url, "enqueue", *TASK)[1].strip()
+        gate = Gate()
+        consumer = TaskConsumer(redis_url, None, gate, 1, FAST, registry=CollectorRegistry())
+        with running(consumer):
+            assert gate.started.wait(10)
+            status, out = cli("--redis-url", redis_url, "cancel", task_id)
+            assert status == Exit.OK
+            assert out in (
+                f"{task_id} asked to stop: it ends cancelled when its handler returns\n",
+                f"{task_id} cancelled\n",  # the handler saw it before status was read
+            )
+            assert gate.saw_cancel.wait(10)
+            wait_until(lambda: status_of(redis_url, task_id) == "cancelled", what="cancelled")
+
+    def test_an_unknown_task_is_not_cancelled_and_exits_4(self, redis_url, capsys):
+        assert cli("--redis-url", redis_url, "cancel", "no-such-task") == (
+            Exit.NOT_FOUND,
+            "no-such-task not cancelled: unknown\n",
+        )
+        assert capsys.readouterr().err == ""
+
+    def test_a_finished_or_cancelled_task_is_not_cancelled_again(self, redis_url):
+        [dead] = dead_letter(redis_url, 1)
+        assert cli("--redis-url", redis_url, "cancel", dead) == (
+            Exit.NOT_FOUND,
+            f"{dead} not cancelled: dead\n",
+        )
+        task_id = cli("--redis-url", redis_url, "enqueue", *TASK)[1].strip()
+        assert cli("--redis-url", redis_url, "cancel", task_id)[0] == Exit.OK
+        assert cli("--redis-url", redis_url, "cancel", task_id) == (
+            Exit.NOT_FOUND,
+            f"{task_id} not cancelled: cancelled\n",
+        )
+
+    def test_subprocess_cancel(self, launcher, redis_url):
+        env = cli_env(redis_url)
+        task_id = run(launcher, "enqueue", *TASK, env=env).stdout.strip()
+        done = run(launcher, "cancel", task_id, env=env)
+        assert (done.returncode, done.stdout, done.stderr) == (0, f"{task_id} cancelled\n", "")
+        done = run(launcher, "cancel", task_id, env=env)
+        assert done.returncode == 4
+        assert done.stdout == f"{task_id} not cancelled: cancelled\n"
+
+
+# --- dlq retry-all into a full queue (issue 9) -------------------------------------------
+
+
+@pytest.fixture
+def queue_of_one(monkeypatch) -> None:
+    """The command line's queue holds one pending task at most."""
+    monkeypatch.setenv("SEMIBOT_QUEUE_MAX_QUEUE_LENGTH", "1")
+    monkeypatch.setenv("SEMIBOT_QUEUE_QUEUE_LENGTH_WARNING_THRESHOLD", "1")
+
+
+@pytest.mark.usefixtures("queue_of_one")
+class TestRetryAllIntoAFullQueue:
+    """``dlq retry-all`` moves what fits, prints the count and exits 6 when it stopped."""
+
+    def test_it_moves_what_fits_prints_the_count_and_exits_6(
+        self, redis_url, redis_client, two_dead_letters, capsys
+    ):
+        old, new = two_dead_letters
+        status, out = cli("--redis-url", redis_url, "dlq", "retry-all")
+        assert status == Exit.FULL == 6
+        assert out == "1 dead letter(s) put back on pending\n"
+        line = error_line(capsys.readouterr().err)
+        assert "queue agent:tasks is full (MAX_QUEUE_LENGTH=1)" in line
+        assert line.endswith("stopped with 1 dead letter(s) left")
+        assert [t["task_id"] for t in pending(redis_client)] == [old]
+        [left] = redis_client.hkeys(KEYS.dead)
+        assert left.decode().startswith(new + "#")
+
+    def test_a_queue_already_full_moves_none_and_exits_6(
+        self, redis_url, redis_client, two_dead_letters, capsys
+    ):
+        redis_client.lpush(KEYS.pending, b"occupying the only place")
+        status, out = cli("--redis-url", redis_url, "dlq", "retry-all")
+        assert (status, out) == (Exit.FULL, "0 dead letter(s) put back on pending\n")
+        assert error_line(capsys.readouterr().err).endswith("stopped with 2 dead letter(s) left")
+        assert redis_client.hlen(KEYS.dead) == len(two_dead_letters)
+
+    def test_subprocess_exits_6_printing_the_count(self, redis_url, two_dead_letters):
+        env = cli_env(
+            redis_url,
+            SEMIBOT_QUEUE_MAX_QUEUE_LENGTH="1",
+            SEMIBOT_QUEUE_QUEUE_LENGTH_WARNING_THRESHOLD="1",
+        )
+        done = run(MODULE, "dlq", "retry-all", env=env)
+        assert done.returncode == 6
+        assert done.stdout == "1 dead letter(s) put back on pending\n"
+        assert "stopped with 1 dead letter(s) left" in error_line(done.stderr)
+        again = run(MODULE, "dlq", "retry-all", env=env)
+        assert (again.returncode, again.stdout) == (6, "0 dead letter(s) put back on pending\n")
+        assert len(two_dead_letters) == 2

@@ -381,6 +381,55 @@ class TestReplaying:
         assert dlq.retry_all() == 1
         assert [r.id for r in dlq.list()] == [live]
 
+    # Was a package bug (issue 9): retry_all() raised QueueFullError halfway, and how many
+    # it had moved was lost.
+    def test_retry_all_into_a_queue_with_room_for_some_moves_those_and_says_it_stopped(
+        self, redis_url: str, redis_client: redis.Redis[bytes]
+    ) -> None:
+        records = [dead_letter(redis_client, task(f"t{n}")) for n in range(5)]
+        small = QueueSettings(max_queue_length=3, queue_length_warning_threshold=3)
+        redis_client.lpush(KEYS.pending, b"occupant")
+        with DeadLetterQueue(redis_url, "q", small) as dlq:
+            moved = dlq.retry_all()
+            left = [r.id for r in dlq.list()]
+        assert moved == 2
+        assert f"{moved}" == "2"  # what the command line prints
+        assert moved.stopped_early is True
+        assert moved.remaining == 3
+        assert sorted(left) == sorted(records[2:])
+        assert redis_client.llen(KEYS.pending) == 3
+
+    def test_retry_all_that_moved_everything_did_not_stop_early(
+        self, redis_client: redis.Redis[bytes], dlq: DeadLetterQueue
+    ) -> None:
+        dead_letter(redis_client, task("t1"))
+        moved = dlq.retry_all()
+        assert (moved, moved.stopped_early, moved.remaining) == (1, False, 0)
+        assert isinstance(moved, int)
+        assert dlq.retry_all() == 0
+
+    def test_retry_all_counts_scheduled_tasks_against_the_limit_as_enqueue_does(
+        self, redis_url: str, redis_client: redis.Redis[bytes]
+    ) -> None:
+        dead_letter(redis_client, task("t1"))
+        small = QueueSettings(max_queue_length=1, queue_length_warning_threshold=1)
+        redis_client.zadd(KEYS.scheduled, {b"a delayed task": 1})
+        with DeadLetterQueue(redis_url, "q", small) as dlq:
+            moved = dlq.retry_all()
+        assert (moved, moved.stopped_early) == (0, True)
+
+    def test_a_retried_task_is_pending_again_and_its_old_result_is_gone(
+        self, redis_url: str, redis_client: redis.Redis[bytes], dlq: DeadLetterQueue
+    ) -> None:
+        dead_letter(redis_client, task("t1", 2))
+        redis_client.set(KEYS.result("t1"), b'{"task_id": "t1", "status": "failed"}')
+        with TaskProducer(redis_url, "q", FAST, registry=CollectorRegistry()) as producer:
+            assert producer.status("t1") == "dead"
+            assert dlq.retry("t1") is True
+            assert producer.status("t1") == "pending"
+            assert producer.get_result("t1") is None
+        assert redis_client.hget(KEYS.state, "t1") == b"pending session-2"
+
 
 class TestDeleting:
     """delete removes one record; purge removes every structure, in batches."""

@@ -314,7 +314,9 @@ class TestRegistry:
             assert value(registry, name) == 0
         for status in PROCESSED_STATUSES:
             assert processed(registry, status) == 0
-        assert set(PROCESSED_STATUSES) == {"succeeded", "failed", "retried", "dead_lettered"}
+        assert set(PROCESSED_STATUSES) == {
+            "succeeded", "failed", "retried", "dead_lettered", "cancelled", "timed_out"
+        }  # fmt: skip
 
     def test_duration_buckets_span_5_ms_to_10_minutes(self):
         registry = CollectorRegistry()

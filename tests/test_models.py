@@ -61,6 +61,7 @@ GOOD_MESSAGE: dict[str, Any] = {
     "messages": [{"role": "user", "content": "hello"}],
     "config": {"model": "m", "temperature": 0.5},
     "metadata": {"source": "test"},
+    "time_limit": None,
     "task_id": "task-1",
     "enqueued_at": 1_700_000_000.25,
     "retry_count": 1,

@@ -21,15 +21,18 @@ from semibot_queue import (
     QueueError,
     QueueFullError,
     QueueSettings,
+    TaskConsumer,
+    TaskMessage,
     TaskProducer,
     TaskResult,
 )
+from semibot_queue.admission import LengthWatch
 from semibot_queue.codec import Codec, task_id_of
 from semibot_queue.constants import IDEMPOTENCY_TTL, RESULT_TTL
 from semibot_queue.errors import DuplicateTaskError
 from semibot_queue.keys import KeySpace
 from semibot_queue.scripts import Scripts
-from support import FAST, payload, wait_until
+from support import FAST, payload, running, wait_until
 
 KEYS = KeySpace("q")
 
@@ -140,9 +143,10 @@ class TestEnqueue:
         assert len(accepted) == limit
         assert len(refused) == 20 * 40 - limit
         found = markers(redis_client)
-        assert set(redis_client.keys("*")) - found == {KEYS.pending.encode()}
+        assert set(redis_client.keys("*")) - found == {b"q", KEYS.state.encode()}
         assert found == {KEYS.accepted(task_id).encode() for task_id in accepted}
         assert set(pending_ids(redis_client)) == set(accepted)
+        assert {k.decode() for k in redis_client.hkeys(KEYS.state)} == set(accepted)
 
 
 @pytest.fixture
@@ -462,3 +466,180 @@ class TestInspection:
         assert TaskProducer(registry=CollectorRegistry()).redis_url == "redis://127.0.0.1:1/5"
         monkeypatch.delenv("REDIS_URL")
         assert TaskProducer(registry=CollectorRegistry()).redis_url.startswith("redis://localhost")
+
+
+def task_starts(url: str, started: dict[str, float], ready: threading.Event) -> TaskConsumer:
+    """A worker whose handler notes when (wall clock) each task started."""
+
+    def note(message: TaskMessage) -> str:
+        started[message.task_id] = time.time()
+        return "ok"
+
+    consumer = TaskConsumer(url, "q", note, 4, FAST, registry=CollectorRegistry())
+    original = consumer.connect
+
+    def connect() -> None:
+        original()
+        ready.set()
+
+    consumer.connect = connect  # type: ignore[method-assign]
+    return consumer
+
+
+class TestDelay:
+    """enqueue(..., delay=S): scheduled by Redis's clock, promoted when due, counted against
+    MAX_QUEUE_LENGTH with the pending tasks."""
+
+    def test_a_delayed_task_waits_in_the_scheduled_set_due_by_redis_time(
+        self, redis_url, redis_client
+    ):
+        with producer_for(redis_url) as producer:
+            before = redis_client.time()
+            task_id = producer.enqueue(payload(1), delay=30)
+            after = redis_client.time()
+        assert redis_client.llen(KEYS.pending) == 0
+        [(body, due)] = redis_client.zrange(KEYS.scheduled, 0, -1, withscores=True)
+        assert task_id_of(body) == task_id
+        ms = [seconds * 1000 + micros // 1000 for seconds, micros in (before, after)]
+        assert ms[0] + 30_000 <= due <= ms[1] + 30_000
+        assert redis_client.hget(KEYS.state, task_id) == b"scheduled session-1"
+        assert redis_client.exists(KEYS.accepted(task_id)) == 1
+
+    def test_a_delayed_task_runs_within_half_a_second_of_due_and_not_before(
+        self, redis_url, redis_client
+    ):
+        started: dict[str, float] = {}
+        ready = threading.Event()
+        with running(task_starts(redis_url, started, ready)), producer_for(redis_url) as producer:
+            assert ready.wait(10)
+            wait_until(lambda: redis_client.zcard(KEYS.workers) == 1, what="the worker")
+            sent = time.time()
+            task_id = producer.enqueue(payload(1), delay=1.0)
+            returned = time.time()
+            wait_until(lambda: task_id in started, timeout=10, what="the delayed task")
+        assert started[task_id] >= sent + 1.0
+        assert started[task_id] <= returned + 1.0 + 0.5
+
+    def test_enqueue_many_with_a_delay_schedules_every_task(self, redis_url, redis_client):
+        with producer_for(redis_url) as producer:
+            ids = producer.enqueue_many([payload(n) for n in range(3)], delay=5)
+            assert [producer.status(task_id) for task_id in ids] == ["scheduled"] * 3
+        assert redis_client.zcard(KEYS.scheduled) == 3
+        assert redis_client.llen(KEYS.pending) == 0
+
+    def test_a_delay_of_zero_makes_the_task_pending_at_once(self, redis_url, redis_client):
+        with producer_for(redis_url) as producer:
+            task_id = producer.enqueue(payload(1), delay=0)
+            assert producer.status(task_id) == "pending"
+        assert pending_ids(redis_client) == [task_id]
+
+    @pytest.mark.parametrize(
+        "delay",
+        [-1, -0.001, math.nan, math.inf, "1", True, None.__class__, 10**400, 1e308],
+        ids=["negative", "tiny-negative", "nan", "inf", "text", "bool", "type", "huge", "1e308"],
+    )
+    def test_a_delay_that_is_not_a_finite_number_of_seconds_is_refused(
+        self, redis_url, redis_client, delay
+    ):
+        with producer_for(redis_url) as producer:
+            with pytest.raises(InvalidTaskError, match=r"^delay: must be a finite number"):
+                producer.enqueue(payload(1), delay=delay)
+            with pytest.raises(InvalidTaskError, match=r"^delay: must be a finite number"):
+                producer.enqueue_many([payload(2)], delay=delay)
+        assert redis_client.keys("*") == []
+
+    def test_delayed_tasks_count_against_the_limit_with_pending_ones(self, redis_url, redis_client):
+        settings = {"max_queue_length": 3, "queue_length_warning_threshold": 3}
+        with producer_for(redis_url, **settings) as producer:
+            producer.enqueue_many([payload(0), payload(1)], delay=60)
+            producer.enqueue(payload(2))
+            before = sorted(redis_client.keys("*"))
+            with pytest.raises(QueueFullError, match="pending and scheduled"):
+                producer.enqueue(payload(3))
+            with pytest.raises(QueueFullError):
+                producer.enqueue(payload(4), delay=1)
+            assert sorted(redis_client.keys("*")) == before
+        assert redis_client.zcard(KEYS.scheduled) == 2
+        assert redis_client.llen(KEYS.pending) == 1
+
+
+class TestTaskShape:
+    """What an enqueue writes besides the body: its state; a per-task time limit."""
+
+    def test_a_time_limit_survives_the_wire(self, redis_url, redis_client):
+        with producer_for(redis_url) as producer:
+            producer.enqueue(payload(1, time_limit=2.5))
+            producer.enqueue(payload(2))
+        second, first = redis_client.lrange(KEYS.pending, 0, -1)
+        codec = Codec(1 << 20)
+        assert codec.decode_message(first).time_limit == 2.5
+        assert codec.decode_message(second).time_limit is None
+
+    @pytest.mark.parametrize("limit", [0, -1, math.nan, math.inf, "5", True])
+    def test_a_time_limit_that_is_not_positive_seconds_is_refused(self, limit):
+        with pytest.raises(InvalidTaskError, match=r"^time_limit: must be a finite number"):
+            payload(1, time_limit=limit)
+
+    def test_a_new_task_of_an_id_used_before_does_not_inherit_its_old_result(
+        self, redis_url, redis_client
+    ):
+        task = payload(1)
+        with producer_for(redis_url) as producer:
+            producer.enqueue(task)
+            finish(redis_client, task.task_id)
+            assert producer.status(task.task_id) == "succeeded"
+            producer.enqueue(task)
+            assert producer.status(task.task_id) == "pending"
+            assert producer.get_result(task.task_id) is None
+            assert producer.wait_for_result(task.task_id, timeout=0.2) is None
+
+    def test_enqueue_one_at_a_time_is_one_script_call(self, redis_url, redis_client):
+        with producer_for(redis_url) as producer:
+            producer.enqueue(payload(0))  # connected, script loaded
+            redis_client.config_resetstat()
+            for n in range(1, 21):
+                producer.enqueue(payload(n))
+            stats = redis_client.info("commandstats")
+        top_level = {"evalsha", "eval", "script|load"}
+        assert stats["cmdstat_evalsha"]["calls"] == 20
+        assert {name.removeprefix("cmdstat_") for name in stats} & top_level == {"evalsha"}
+
+
+class TestLengthWarning:
+    """The pending length crossing QUEUE_LENGTH_WARNING_THRESHOLD warns once per crossing,
+    at most once per QUEUE_LENGTH_WARNING_INTERVAL."""
+
+    @staticmethod
+    def warnings(caplog) -> list[str]:
+        return [r.getMessage() for r in caplog.records if "crossed the warning" in r.getMessage()]
+
+    def test_a_second_crossing_within_the_interval_is_not_logged(self, redis_url, caplog):
+        settings = {"max_queue_length": 10, "queue_length_warning_threshold": 3}
+        with producer_for(redis_url, **settings) as producer:
+            producer.enqueue_many([payload(n) for n in range(4)])  # crosses: warns
+            assert producer.clear_queue() == 4  # below again
+            producer.enqueue_many([payload(n) for n in range(4)])  # crosses again: quiet
+        assert len(self.warnings(caplog)) == 1
+
+    def test_a_crossing_after_the_interval_is_logged_again(self, redis_url, caplog, monkeypatch):
+        monkeypatch.setattr("semibot_queue.producer.QUEUE_LENGTH_WARNING_INTERVAL", 0.0)
+        settings = {"max_queue_length": 10, "queue_length_warning_threshold": 3}
+        with producer_for(redis_url, **settings) as producer:
+            producer.enqueue_many([payload(n) for n in range(4)])
+            producer.enqueue(payload(5))  # still above: quiet
+            producer.clear_queue()
+            producer.enqueue_many([payload(n) for n in range(3)])
+        first, second = self.warnings(caplog)
+        assert "has 4 pending tasks" in first
+        assert "has 3 pending tasks" in second
+
+    def test_the_watch_tells_a_crossing_once_and_again_only_after_its_interval(self):
+        now = [100.0]
+        watch = LengthWatch(60.0, clock=lambda: now[0])
+        assert [watch.crossed(n, 3) for n in (1, 2, 3, 4, 9)] == [False, False, True, False, False]
+        assert watch.crossed(2, 3) is False  # below again
+        now[0] += 59.0
+        assert watch.crossed(3, 3) is False  # crossed again, within the interval
+        assert watch.crossed(0, 3) is False
+        now[0] += 1.0
+        assert watch.crossed(5, 3) is True  # crossed again, the interval over

@@ -276,19 +276,20 @@ class TestEnqueue:
     ) -> None:
         push(scripts, [task(1), task(3)], max_length=10, call="call-1")
         before = snapshot(redis_client)
-        tasks = [(task_id_of(t), t) for t in (task(0), task(1), task(2), task(3))]
-        assert scripts.enqueue(tasks, 10, 60, "call-2") == (-2, [1, 3])
+        tasks = [(task_id_of(t), "s", t) for t in (task(0), task(1), task(2), task(3))]
+        assert scripts.enqueue(tasks, (10, 60), "call-2") == (-2, 0, [1, 3])
         assert snapshot(redis_client) == before
 
     def test_a_live_id_is_reported_before_a_full_queue(self, scripts: Scripts) -> None:
         push(scripts, [task(1)], max_length=1, call="call-1")
-        assert scripts.enqueue([("t1", task(1))], 1, 60, "call-2") == (-2, [0])
-        assert scripts.enqueue([("t2", task(2))], 1, 60, "call-2") == (-1, [])
+        assert scripts.enqueue([("t1", "s", task(1))], (1, 60), "call-2") == (-2, 0, [0])
+        assert scripts.enqueue([("t2", "s", task(2))], (1, 60), "call-2") == (-1, 0, [])
 
     def test_an_id_twice_in_one_call_is_refused(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        assert scripts.enqueue([("t1", task(1)), ("t1", task(1))], 10, 60, "call") == (-2, [1])
+        twice = [("t1", "s", task(1)), ("t1", "s", task(1))]
+        assert scripts.enqueue(twice, (10, 60), "call") == (-2, 0, [1])
         assert redis_client.keys("*") == []
 
     def test_a_tombstone_left_by_a_final_outcome_frees_the_id_for_other_calls_only(
@@ -305,7 +306,7 @@ class TestEnqueue:
     def test_a_marker_lives_the_seconds_it_is_given(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
-        scripts.enqueue([("t1", task(1))], 10, 600, "call")
+        scripts.enqueue([("t1", "s", task(1))], (10, 600), "call")
         assert 590 < redis_client.ttl(KEYS.accepted("t1")) <= 600
 
     def test_a_repeat_of_a_full_batch_fits_even_when_the_queue_is_full(
@@ -346,13 +347,14 @@ class TestEnqueue:
         # workers take from the right end of the pending list
         assert [redis_client.rpop(KEYS.pending) for _ in range(5)] == [task(i) for i in range(1, 6)]
 
-    def test_enqueue_writes_only_the_pending_list_and_the_markers(
+    def test_enqueue_writes_only_the_pending_list_the_markers_and_the_states(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:
         push(scripts, [task(1)], max_length=10)
         assert sorted(redis_client.keys("*")) == sorted(
-            [KEYS.pending.encode(), KEYS.accepted("t1").encode()]
+            [KEYS.pending.encode(), KEYS.accepted("t1").encode(), KEYS.state.encode()]
         )
+        assert redis_client.hget(KEYS.state, "t1") == b"pending session-1"
 
 
 class TestClear:
@@ -2191,7 +2193,7 @@ class TestDlqRetry:
 
     RECORD = b'{"record": "t1#1"}'
     LIMITS = (10, 600)
-    MARKER = ("t1", "token-1")
+    MARKER = ("t1", "s-1", "token-1")
 
     def test_an_unchanged_record_is_removed_and_its_task_queued_last_and_marked(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]

@@ -2,15 +2,18 @@
 -- moved since the caller read it).
 -- * pending or scheduled: it never runs. Its cancelled result (built by the caller from
 --   the session in the state it read) is stored and published now, so that its waiters
---   get it at once; the cancel flag is set, the state and the idempotency marker go
---   (cancelled is a final outcome). The body stays where it is: the worker that takes it
---   later sees the flag and drops it without running it.
+--   get it at once; the cancel flag is set and the state goes (cancelled is a final
+--   outcome). The body stays where it is: the worker that takes it later sees the flag
+--   and drops it without running it (drop.lua), and only then deletes the idempotency
+--   marker, which meanwhile holds 'cancelled' without expiry: the id stays taken while a
+--   copy that must never run still waits (a new task of that id would be dropped instead,
+--   or that copy would run).
 -- * running: only the cancel flag is set; the worker running it sees the flag, asks the
 --   handler to stop, and records the cancelled outcome itself.
 -- KEYS[1]  state hash (task id -> "<status> <session id>")
 -- KEYS[2]  cancel hash (task id -> 1 while the cancel waits to be carried out)
 -- KEYS[3]  the task's result key
--- KEYS[4]  the task's idempotency marker
+-- KEYS[4]  the task's idempotency marker (kept, as 'cancelled', until drop.lua)
 -- ARGV[1]  task id
 -- ARGV[2]  the state value the caller read (the result was built for its session)
 -- ARGV[3]  the cancelled result JSON
@@ -18,14 +21,14 @@
 -- ARGV[5]  the session's result channel
 -- Returns 1 cancelled before it ran (also when this same call did it already: a repeat
 -- after a lost reply finds its own result), 2 asked to stop while running, 0 not live
--- (unknown or ended: nothing written), -1 its state changed to another session since the
--- caller read it (nothing written: read it again).
+-- (unknown, ended, or cancelled already: nothing written), -1 its state changed to
+-- another session since the caller read it (nothing written: read it again).
+local function done_before()
+  return redis.call('GET', KEYS[3]) == ARGV[3] and 1 or 0
+end
 local state = redis.call('HGET', KEYS[1], ARGV[1])
 if not state then
-  if redis.call('GET', KEYS[3]) == ARGV[3] then
-    return 1
-  end
-  return 0
+  return done_before()
 end
 local word, session = string.match(state, '^(%S*) (.*)$')
 if not word then
@@ -38,6 +41,9 @@ end
 if word ~= 'pending' and word ~= 'scheduled' then
   return 0
 end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
+  return done_before() -- cancelled already: its copy waits to be dropped (promoted, say)
+end
 local _, seen_session = string.match(ARGV[2], '^(%S*) (.*)$')
 if session ~= (seen_session or '') then
   return -1
@@ -45,6 +51,6 @@ end
 redis.call('SET', KEYS[3], ARGV[3], 'EX', tonumber(ARGV[4]))
 redis.call('HSET', KEYS[2], ARGV[1], 1)
 redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[4])
+redis.call('SET', KEYS[4], 'cancelled')
 redis.call('PUBLISH', ARGV[5], ARGV[3])
 return 1
