@@ -90,6 +90,10 @@ def cancelled_result(
 # --- the Semibot runtime's task shape -------------------------------------------------------
 
 
+#: The fraction of a second in an ISO-8601 time.
+_FRACTION = re.compile(r"\.(\d+)")
+
+
 def _epoch(value: object) -> float | None:
     """Unix seconds of an ISO-8601 time (naive means UTC) or of a number; None if neither."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -97,6 +101,8 @@ def _epoch(value: object) -> float | None:
     if not isinstance(value, str):
         return None
     text = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
+    # Python 3.10 reads only 3 or 6 digits of a second's fraction: give it 6.
+    text = _FRACTION.sub(lambda m: "." + (m.group(1) + "000000")[:6], text, count=1)
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:

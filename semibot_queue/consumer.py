@@ -20,8 +20,9 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from types import FrameType, TracebackType
 from typing import Any, cast
 
@@ -54,6 +55,23 @@ from semibot_queue.slots import Slots
 from semibot_queue.watcher import Watcher
 
 log = logging.getLogger("semibot_queue.consumer")
+
+
+@contextmanager
+def signals_to_main_thread(active: bool = True) -> Iterator[None]:
+    """Threads started inside block SIGTERM and SIGINT, so the kernel delivers them to the
+    main thread: there they interrupt a blocking call (EINTR) and the handlers run at once.
+    Delivered to another thread, a signal would wait for the main thread to leave its
+    blocking pop (CPython runs signal handlers only in the main thread, between bytecodes).
+    """
+    if not active or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def new_worker_id() -> str:
@@ -244,9 +262,10 @@ class TaskConsumer:
         )
         self._recorder = recorder
         executor = ThreadPoolExecutor(self.max_concurrent, f"semibot-queue-{self.worker_id}")
-        self._loops = [
-            executor.submit(self._work, ready, recorder) for _ in range(self.max_concurrent)
-        ]
+        with signals_to_main_thread(bool(previous)):
+            self._loops = [
+                executor.submit(self._work, ready, recorder) for _ in range(self.max_concurrent)
+            ]
         watcher = Watcher(
             worker_id=self.worker_id,
             client=client,
@@ -263,9 +282,10 @@ class TaskConsumer:
         )
         try:
             self._reconnect.call("register", watcher.beat)
-            recorder.start()  # before the watcher, which checks that it runs
-            limiter.start()
-            watcher.start()
+            with signals_to_main_thread(bool(previous)):
+                recorder.start()  # before the watcher, which checks that it runs
+                limiter.start()
+                watcher.start()
             log.info(
                 "queue %s: worker %s started, %d slots",
                 self.keys.queue,

@@ -10,7 +10,7 @@ from typing import Any
 
 from prometheus_client import REGISTRY, start_http_server
 
-from semibot_queue.consumer import TaskConsumer
+from semibot_queue.consumer import TaskConsumer, signals_to_main_thread
 from semibot_queue.errors import QueueConfigurationError, QueueConnectionError, QueueError
 from semibot_queue.settings import QueueSettings
 
@@ -49,7 +49,8 @@ def run_worker(
     if metrics is not None:
         host, port = metrics
         try:
-            server, _ = start_http_server(port, addr=host, registry=REGISTRY)
+            with signals_to_main_thread():  # its thread must leave them to the worker
+                server, _ = start_http_server(port, addr=host, registry=REGISTRY)
         except OSError as exc:  # taken since the command line checked it
             log.error("metrics endpoint %s:%d cannot be opened: %s", host, port, exc)
             return EXIT_USAGE
