@@ -100,7 +100,7 @@ REPLICA_ACK_TIMEOUT = 1.0
 #: Retries after the first attempt before a failing task is dead-lettered.
 MAX_RETRY_ATTEMPTS = 3
 
-#: Seconds a handler may run before TaskTimeoutError is raised in its thread; 0 = no limit.
+#: Seconds a handler may run (not enforced yet: issue 9 item 4 is open); 0 = no limit.
 TASK_TIME_LIMIT = 0.0
 
 #: The error text of a cancelled task's result.
