@@ -290,20 +290,24 @@ class TaskConsumer:
             try:
                 self._shutdown(scripts, watcher)
             finally:
-                recorder.stop()
-                watcher.stop()
-                for _ in range(self.max_concurrent):
-                    ready.put(None)  # each pool thread ends after its current task
-                executor.shutdown(wait=False)
-                self._restore_signal_handlers(previous)
-                self._stopping.clear()
-                self._finished.set()
-                log.info(
-                    "queue %s: worker %s stopped",
-                    self.keys.queue,
-                    self.worker_id,
-                    extra=self._extra(),
-                )
+                try:
+                    recorder.stop()
+                    watcher.stop()
+                finally:
+                    # whatever failed above, no pool thread is left waiting (it would keep
+                    # the interpreter from exiting)
+                    for _ in range(self.max_concurrent):
+                        ready.put(None)  # each pool thread ends after its current task
+                    executor.shutdown(wait=False)
+                    self._restore_signal_handlers(previous)
+                    self._stopping.clear()
+                    self._finished.set()
+                    log.info(
+                        "queue %s: worker %s stopped",
+                        self.keys.queue,
+                        self.worker_id,
+                        extra=self._extra(),
+                    )
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop taking tasks; in-flight ones get ``timeout`` seconds (SHUTDOWN_TIMEOUT).
