@@ -43,6 +43,7 @@ from semibot_queue.connection import (
 from semibot_queue.constants import BLOCKING_MARGIN
 from semibot_queue.errors import QueueError, QueueOutOfMemoryError
 from semibot_queue.keys import KeySpace
+from semibot_queue.limits import TimeLimiter
 from semibot_queue.metrics import Metrics
 from semibot_queue.models import TaskResult
 from semibot_queue.outcomes import Decider, Delivery, Handler, Outcome
@@ -228,6 +229,11 @@ class TaskConsumer:
             for delivery in batch:
                 ready.put(delivery)
 
+        limiter = TimeLimiter(
+            f"semibot-queue-limits-{self.worker_id}",
+            stuck_after=self.settings.shutdown_timeout,
+            on_stuck=self._stuck,
+        )
         decider = Decider(
             self.handler,
             self.worker_id,
@@ -236,6 +242,7 @@ class TaskConsumer:
             self._codec,
             self.metrics,
             self._rand,
+            limiter,
         )
         self._decider = decider
         recorder = Recorder(
@@ -277,6 +284,7 @@ class TaskConsumer:
             self._reconnect.call("register", watcher.beat)
             with signals_to_main_thread(bool(previous)):
                 recorder.start()  # before the watcher, which checks that it runs
+                limiter.start()
                 watcher.start()
             log.info(
                 "queue %s: worker %s started, %d slots",
@@ -293,6 +301,7 @@ class TaskConsumer:
                 try:
                     recorder.stop()
                     watcher.stop()
+                    limiter.stop()
                 finally:
                     # whatever failed above, no pool thread is left waiting (it would keep
                     # the interpreter from exiting)
@@ -380,6 +389,24 @@ class TaskConsumer:
         for loop in self._loops:
             if loop.done() and not self._stopping.is_set():
                 self._fatal.set(QueueError(f"a pool thread ended: {loop.exception()!r}"))
+
+    def _stuck(self, task_id: str) -> None:
+        """Called by the time limiter: a handler ignored TaskTimeoutError for
+        SHUTDOWN_TIMEOUT (stuck in C code). Its slot is lost to this process: stop, and
+        exit non-zero for a restart; recovery takes the task (a lost delivery)."""
+        log.error(
+            "queue %s: task %s ignored its time limit for %.1fs (stuck outside Python?);"
+            " worker %s stops so that a restart frees its slot",
+            self.keys.queue,
+            task_id,
+            self.settings.shutdown_timeout,
+            self.worker_id,
+            extra=self._extra(task_id),
+        )
+        self._fatal.set(
+            QueueError(f"task {task_id} is stuck past its time limit; the worker must restart")
+        )
+        self._hurry.set()
 
     def _interrupt_pop(self) -> None:
         """Called by the watcher once stopping: end a blocking pop now, not in

@@ -20,8 +20,9 @@ import attrs
 from semibot_queue.backoff import Random, exponential_delay
 from semibot_queue.codec import Codec, describe_error, format_traceback, task_id_of
 from semibot_queue.constants import CANCELLED_ERROR
-from semibot_queue.errors import InvalidTaskError, PermanentTaskError
+from semibot_queue.errors import InvalidTaskError, PermanentTaskError, TaskTimeoutError
 from semibot_queue.keys import KeySpace
+from semibot_queue.limits import TimeLimiter
 from semibot_queue.metrics import Metrics
 from semibot_queue.models import DeadLetterRecord, TaskMessage, TaskResult
 from semibot_queue.scripts import Taken as Delivery
@@ -70,6 +71,7 @@ class Decider:
     codec: Codec
     metrics: Metrics
     rand: Random
+    limiter: TimeLimiter | None = None
     #: The messages running now, by task id (the watcher marks those whose cancel is asked).
     running: dict[str, TaskMessage] = attrs.field(factory=dict)
     _lock: threading.Lock = attrs.field(factory=threading.Lock)
@@ -119,12 +121,17 @@ class Decider:
             return attrs.evolve(
                 self._cancelled(delivery, message, time.perf_counter()), kind="dropped"
             )
+        limit = message.time_limit or self.settings.task_time_limit or None
         with self._lock:
             self.running[message.task_id] = message
         self.metrics.concurrent.inc()
         started = time.perf_counter()
         try:
-            value = self.handler(message)
+            value = self._call(message, limit)
+        except TaskTimeoutError:
+            self.metrics.processed["timed_out"].inc()
+            timeout = TaskTimeoutError(f"the handler ran past its time limit of {limit}s")
+            return self._failed(delivery, message, timeout, started, permanent=False)
         except PermanentTaskError as exc:
             return self._failed(delivery, message, exc, started, permanent=True)
         except BaseException as exc:  # noqa: BLE001 - BaseException included, it retries
@@ -134,6 +141,12 @@ class Decider:
             with self._lock:
                 self.running.pop(message.task_id, None)
         return self._succeeded(delivery, message, value, started)
+
+    def _call(self, message: TaskMessage, limit: float | None) -> Any:
+        if self.limiter is None:
+            return self.handler(message)
+        with self.limiter.limit(message.task_id, limit):
+            return self.handler(message)
 
     def _succeeded(
         self, delivery: Delivery, message: TaskMessage, value: Any, started: float
