@@ -11,6 +11,7 @@ recovers the tasks of dead ones.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -123,7 +124,7 @@ class TaskConsumer:
         self._client: Client | None = None
         self._pop_client: Client | None = None
         self._pop_timeout = self.settings.queue_poll_timeout
-        self._pop_connection: Any = None
+        self._pop_socket: socket.socket | None = None
         self._scripts: Scripts | None = None
         self._handle_signals = handle_signals
         self._rand = rand
@@ -411,9 +412,11 @@ class TaskConsumer:
     def _interrupt_pop(self) -> None:
         """Called by the watcher once stopping: end a blocking pop now, not in
         QUEUE_POLL_TIMEOUT. A task it took meanwhile is given back with the others."""
-        connection = self._pop_connection
-        if connection is not None:
-            connection.disconnect()
+        sock = self._pop_socket
+        if sock is not None:
+            # wakes the read (the pop thread closes it); closed meanwhile: that pop ended
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     # --- the fetch loop -------------------------------------------------------------
 
@@ -462,24 +465,28 @@ class TaskConsumer:
             raise QueueError("consumer is not connected")
         pool = self._pop_client.connection_pool
         connection: Any = pool.get_connection()  # redis-py leaves its methods untyped
-        self._pop_connection = connection
         try:
             if self._stopping.is_set():
                 return None
             connection.send_command(
                 "BLMOVE", self.keys.pending, self.inflight, "RIGHT", "LEFT", self._pop_timeout
             )
+            # The socket the reply comes on, for the watcher to shut down when stopping.
+            # It never touches redis-py's connection object: disconnect() from another
+            # thread raced with this one and could leave the read blocked on a socket
+            # the connection no longer knew (seen under load: stop() waited out the pop).
+            self._pop_socket = connection._sock  # noqa: SLF001 - see above
             return cast("bytes | None", connection.read_response())
         except Exception:
             # A reply left half read must not reach the next call. When stop() cut the
-            # pop short (the watcher closed the link under it, whatever error that shows
+            # pop short (the watcher shut the socket under it, whatever error that shows
             # as), a task it may have taken is given back with the rest at release.
             connection.disconnect()
             if self._stopping.is_set():
                 return None
             raise
         finally:
-            self._pop_connection = None
+            self._pop_socket = None
             pool.release(connection)
 
     def _orphans(self, scripts: Scripts, free: int) -> list[Delivery]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -48,6 +50,17 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
         time.sleep(0.005)
 
 
+def thread_stacks() -> str:
+    """Where every thread of this process is now (for a failure message)."""
+    frames = sys._current_frames()
+    parts = []
+    for thread in threading.enumerate():
+        frame = frames.get(thread.ident or -1)
+        stack = "".join(traceback.format_stack(frame)) if frame is not None else ""
+        parts.append(f"--- {thread.name}\n{stack}")
+    return "\n".join(parts)
+
+
 class Running:
     """A consumer started in a thread; remembers what ``start()`` raised."""
 
@@ -66,7 +79,7 @@ class Running:
         """Stop the consumer and check its thread ended without error."""
         self.consumer.stop(timeout)
         self.thread.join(10)
-        assert not self.thread.is_alive(), "consumer thread did not end"
+        assert not self.thread.is_alive(), f"consumer thread did not end:\n{thread_stacks()}"
 
 
 @contextmanager

@@ -3,6 +3,7 @@ running in the background, signal handlers restored when start() returns."""
 
 from __future__ import annotations
 
+import random
 import signal
 import threading
 import time
@@ -51,6 +52,31 @@ class TestStopAndJoin:
         assert handle.error is None
         assert result is not None
         assert result.status == "succeeded"
+
+    def test_stop_at_any_moment_of_an_idle_worker_ends_it_within_a_second(
+        self, redis_url: str
+    ) -> None:
+        # stop() lands anywhere in the fetch loop: before, while and after the blocking pop
+        # is sent (seeded). A pop the watcher failed to cut short waits QUEUE_POLL_TIMEOUT:
+        # under load, 3 of 80 stops did before the watcher shut the socket itself (when it
+        # called redis-py's disconnect() across threads); a race, so this catches it often,
+        # not always.
+        rand = random.Random(20261130)  # noqa: S311 - a seeded test input
+        slow = []
+        for attempt in range(30):
+            consumer = consumer_for(redis_url, lambda m: None)
+            handle = Running(consumer)
+            handle.thread.start()
+            time.sleep(rand.uniform(0.0, 0.15))  # where stop() lands is the test's input
+            asked = time.monotonic()
+            consumer.stop()
+            if not consumer.join(10):
+                slow.append((attempt, "did not stop within 10s"))
+            elif time.monotonic() - asked > 1.0:
+                slow.append((attempt, f"{time.monotonic() - asked:.2f}s"))
+            handle.thread.join(5)
+            assert handle.error is None, f"attempt {attempt}: {handle.error!r}"
+        assert slow == [], f"stops that took over a second: {slow}"
 
     def test_stop_from_a_handler_returns_and_the_worker_stops(self, redis_url: str) -> None:
         returned = threading.Event()
