@@ -57,7 +57,11 @@ class TimeLimiter:
         self._on_timeout = on_timeout
         self._clock = clock
         self._running: dict[int, _Running] = {}
-        self._changed = threading.Condition()
+        # A plain lock, taken with `with` in a handler's thread: its acquire is C code, so
+        # an exception raised there asynchronously cannot leave it held (Condition's own
+        # __enter__ is Python code, and could).
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -68,18 +72,28 @@ class TimeLimiter:
             yield
             return
         entry = _Running(task_id, threading.get_ident(), self._clock() + seconds)
-        with self._changed:
-            self._running[entry.thread_id] = entry
-            self._changed.notify_all()
+        # The exception is fired once at most, and only while the entry is registered.
+        # Wherever in this thread it lands (the block, the registration, the cleanup),
+        # the cleanup below runs to its end: once it has, nothing can surface later in
+        # the worker's own code. No helper call here: a call is where it can land.
+        late = False
         try:
+            with self._lock:
+                self._running[entry.thread_id] = entry
+                self._changed.notify_all()
             yield
         finally:
-            with self._changed:
-                self._running.pop(entry.thread_id, None)
-                if entry.fired:
-                    # Raised but perhaps not seen yet (the handler returned meanwhile): it
-                    # must not surface later in the worker's own code.
-                    _raise_in(entry.thread_id, None)
+            while True:
+                try:
+                    with self._lock:
+                        self._running.pop(entry.thread_id, None)
+                        if entry.fired:
+                            _raise_in(entry.thread_id, None)  # raised, perhaps not seen yet
+                    break
+                except TaskTimeoutError:
+                    late = True
+        if late:  # it landed in the cleanup: the block ran out its time all the same
+            raise TaskTimeoutError(f"task {task_id} ran past its time limit")
 
     def start(self) -> None:
         """Start the thread."""
