@@ -968,7 +968,7 @@ class TestDeadLetter:
         assert redis_client.hgetall(KEYS.dead) == {b"t1#1": b'{"record": 1}'}
         ((member, failed_at),) = redis_client.zrange(KEYS.dead_index, 0, -1, withscores=True)
         assert member == b"t1#1"
-        assert before <= failed_at <= after
+        assert before <= int(failed_at) <= after  # the fraction orders a millisecond's records
         assert redis_client.zrange(KEYS.dead_ids, 0, -1, withscores=True) == [(b"t1#1", 0.0)]
         assert redis_client.exists(KEYS.dead_raw) == 0
         assert redis_client.get(KEYS.result("t1")) == result_json(1, "failed")
@@ -986,6 +986,23 @@ class TestDeadLetter:
         assert redis_client.hgetall(KEYS.crashes) == {b"t2": b"1"}
         assert redis_client.exists(KEYS.releases, KEYS.accepted("t1")) == 0
         assert redis_client.get(KEYS.accepted("t2")) == b"token"
+
+    def test_records_keep_the_order_they_were_written_in_within_one_millisecond(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        # Ids that sort against the order they are written in: equal scores would list
+        # them by id (how the CLI's `dlq list` showed a batch in a random order).
+        names = [f"t{n:02d}" for n in range(40, 0, -1)]
+        inflight = garbage_in_flight(redis_client, *(task(n) for n in names))
+        before = redis_ms(redis_client)
+        for n in names:
+            scripts.dead_letter(inflight, task(n), n, b"{}", None, None)
+        after = redis_ms(redis_client)
+        indexed = redis_client.zrange(KEYS.dead_index, 0, -1, withscores=True)
+        assert [member.decode() for member, _ in indexed] == [
+            f"{n}#{i + 1}" for i, n in enumerate(names)
+        ]
+        assert all(before <= int(score) <= after for _, score in indexed)
 
     # Issue 9: a dead letter is no longer live: status() answers "dead" from its record.
     def test_a_final_outcome_drops_the_tasks_state_and_cancel_flag_only(
@@ -2380,9 +2397,10 @@ class TestDeadLetterPrelude:
         )
         keys = [KEYS.dead, KEYS.dead_index, KEYS.dead_ids, KEYS.dead_raw, KEYS.dead_seq]
         assert redis_client.eval(script, 5, *keys, "t1", "t2", b"raw") == [b"t1#1", b"t2#2"]
+        # scored by failure ms, the record's number (mod 1000) as a tiebreak fraction
         assert redis_client.zrange(KEYS.dead_index, 0, -1, withscores=True) == [
-            (b"t1#1", 5.0),
-            (b"t2#2", 6.0),
+            (b"t1#1", 5.001),
+            (b"t2#2", 6.002),
         ]
         assert redis_client.hgetall(KEYS.dead_raw) == {b"t2#2": b"raw"}
 

@@ -3,7 +3,7 @@
 -- its own: it only defines local functions over a table K of key names, which the
 -- including script fills from its own KEYS, all five of them:
 --   K.dead   hash       record id -> record JSON           (KeySpace.dead)
---   K.index  sorted set record id, scored by failure ms     (KeySpace.dead_index)
+--   K.index  sorted set record id, scored by failure ms (+ tiebreak) (KeySpace.dead_index)
 --   K.ids    sorted set record id, all scored 0 (lex)       (KeySpace.dead_ids)
 --   K.raw    hash       record id -> raw bytes of the task  (KeySpace.dead_raw)
 --   K.seq    string     counter numbering the records       (KeySpace.dead_seq)
@@ -14,11 +14,16 @@
 -- add_dead_letter(K, task_id, record_json, raw, now_ms): store a new record; raw is the
 -- task's bytes to keep verbatim, or false. Returns the new record id.
 local function add_dead_letter(K, task_id, record_json, raw, now_ms)
-  local id
+  local id, n
   repeat
-    id = task_id .. '#' .. redis.call('INCR', K.seq)
+    n = redis.call('INCR', K.seq)
+    id = task_id .. '#' .. n
   until redis.call('HSETNX', K.dead, id, record_json) == 1
-  redis.call('ZADD', K.index, now_ms, id)
+  -- Records of the same millisecond (a batch, a recovery) keep the order they were
+  -- written in: the score's fraction is the record's number, mod 1000. (Left to Redis,
+  -- equal scores sort by id, that is by random task id.) Formatted here: Lua would
+  -- print the number with 14 digits, and lose the fraction.
+  redis.call('ZADD', K.index, string.format('%d.%03d', now_ms, n % 1000), id)
   redis.call('ZADD', K.ids, 0, id)
   if raw then
     redis.call('HSET', K.raw, id, raw)
