@@ -59,6 +59,8 @@ class SystemSpec:
     result_mechanism: str
     #: ``make_producer(redis_url, config)``.
     make_producer: Callable[[str, BenchConfig], Producer]
+    #: Whether its worker takes ``--processes N`` (the system's own way to run N processes).
+    processes: bool = False
 
 
 def load_system(name: str) -> SystemSpec:

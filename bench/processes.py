@@ -82,12 +82,15 @@ def log_tail(log_path: Path, lines: int = 20) -> str:
 class WorkerProcess:
     """One benchmark worker, ``python -m <module> --redis-url URL``, as a context manager."""
 
-    def __init__(self, module: str, redis_url: str, log_path: Path, concurrency: int) -> None:
+    def __init__(
+        self, module: str, redis_url: str, log_path: Path, concurrency: int, processes: int = 1
+    ) -> None:
         """Describe the worker; nothing starts until ``__enter__``."""
         self.module = module
         self.redis_url = redis_url
         self.log_path = log_path
         self.concurrency = concurrency
+        self.processes = processes
         self._process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> WorkerProcess:
@@ -95,7 +98,8 @@ class WorkerProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         argv = [sys.executable, "-m", self.module, "--redis-url", self.redis_url]
-        argv += ["--concurrency", str(self.concurrency)]
+        argv += ["--concurrency", str(self.concurrency), "--processes", str(self.processes)]
+        env["BENCH_REDIS_URL"] = self.redis_url  # for worker processes of a supervisor
         self._process = spawn(argv, self.log_path, env)
         return self
 

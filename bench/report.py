@@ -30,6 +30,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("enqueue_per_s", "enqueue, one at a time", "tasks/s", True),
     Metric("enqueue_many_per_s", "enqueue in batches (enqueue_many)", "tasks/s", True),
     Metric("noop_per_s", "no-op processed", "tasks/s", True),
+    Metric("noop_p2_per_s", "no-op processed, 2 processes", "tasks/s", True),
     Metric("noop_bare_per_s", "no-op processed, no INCR (floor only)", "tasks/s", True),
     Metric("sleep_s", "sleep-bound wall time", "s", False),
     Metric("sleep_vs_ideal", "sleep-bound / ideal", "x", False),

@@ -90,4 +90,5 @@ SPEC = SystemSpec(
     shape="1 process x 8 threads (dramatiq.Worker)",
     result_mechanism="Results middleware + RedisBackend, message.get_result(block=True)",
     make_producer=DramatiqProducer,
+    processes=True,
 )

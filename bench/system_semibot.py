@@ -103,4 +103,5 @@ SPEC = SystemSpec(
     shape="1 process x 8 threads (TaskConsumer, max_concurrent=8)",
     result_mechanism="TaskProducer.wait_for_result (pub/sub + stored result)",
     make_producer=SemibotProducer,
+    processes=True,
 )

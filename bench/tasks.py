@@ -8,11 +8,14 @@ The three operations are the same for every system:
 - ``stamp()``: return ``time.time()`` taken as the handler starts; the producer learns it
   through the system's own result mechanism, so it costs no extra round trip.
 
-Each worker process calls :func:`configure` once before it starts taking tasks.
+Each worker process calls :func:`configure` once before it starts taking tasks; a worker
+process started by a system's own supervisor (``--processes N``) is configured from
+``BENCH_REDIS_URL`` on first use instead.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import redis
@@ -32,7 +35,13 @@ def configure(redis_url: str) -> None:
     _clients["default"] = redis.Redis.from_url(redis_url)
 
 
+#: Where a worker process started by a supervisor finds the benchmark's Redis.
+REDIS_URL_ENV = "BENCH_REDIS_URL"
+
+
 def _client() -> redis.Redis[bytes]:
+    if "default" not in _clients:
+        configure(os.environ[REDIS_URL_ENV])
     return _clients["default"]
 
 

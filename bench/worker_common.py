@@ -17,6 +17,8 @@ def prepare(argv: Sequence[str] | None, description: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--concurrency", type=int, default=8)
+    # several worker processes, each with --concurrency threads (systems that support it)
+    parser.add_argument("--processes", type=int, default=1)
     args = parser.parse_args(argv)
     # Every worker logs at WARNING: per-task INFO lines would measure the terminal, not the queue.
     logging.basicConfig(

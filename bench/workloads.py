@@ -37,9 +37,11 @@ class Context:
     log_dir: Path
 
 
-def _worker(ctx: Context, spec: SystemSpec, workload: str) -> WorkerProcess:
+def _worker(ctx: Context, spec: SystemSpec, workload: str, processes: int = 1) -> WorkerProcess:
     log_path = ctx.log_dir / f"{spec.name}-{workload}.log"
-    return WorkerProcess(spec.worker_module, ctx.redis_url, log_path, ctx.config.concurrency)
+    return WorkerProcess(
+        spec.worker_module, ctx.redis_url, log_path, ctx.config.concurrency, processes
+    )
 
 
 def _wait_value(producer: Producer, handle: object, worker: WorkerProcess, timeout: float) -> float:
@@ -111,6 +113,25 @@ def throughput(ctx: Context, spec: SystemSpec) -> dict[str, float]:
         producer.close()
         ctx.admin.flushall()
     return figures
+
+
+def throughput_two_processes(ctx: Context, spec: SystemSpec) -> dict[str, float]:
+    """No-op throughput as above, drained by two worker processes of the system's own
+    supervisor (each with the usual threads); nothing for a system without one."""
+    if not spec.processes:
+        return {}
+    count = ctx.config.noop_tasks
+    ctx.admin.flushall()
+    producer = spec.make_producer(ctx.redis_url, ctx.config)
+    try:
+        for _ in range(count):
+            producer.enqueue("noop", count)
+        with _worker(ctx, spec, "noop-2-processes", processes=2) as worker:
+            first, last = _wait_counted(ctx, worker, STARTUP_TIMEOUT_S + count * 0.02)
+    finally:
+        producer.close()
+        ctx.admin.flushall()
+    return {"noop_p2_per_s": count / (last - first)}
 
 
 def sleep_bound(ctx: Context, spec: SystemSpec) -> dict[str, float]:
@@ -187,6 +208,7 @@ def interactive(ctx: Context, spec: SystemSpec) -> dict[str, float]:
 #: The workloads in the order they run for each system.
 WORKLOADS: dict[str, Callable[[Context, SystemSpec], dict[str, float]]] = {
     "throughput": throughput,
+    "throughput-2p": throughput_two_processes,
     "sleep": sleep_bound,
     "interactive": interactive,
 }

@@ -2,7 +2,8 @@
 
 Producers enqueue agent tasks, workers run them on a bounded thread pool, results come
 back over Redis pub/sub; nothing accepted is ever lost and every failure ends in a
-dead-letter queue that operators can inspect and replay.
+dead-letter queue that operators can inspect and replay. ``run_workers`` runs several
+worker processes of one ``module:function`` handler under a supervisor.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from semibot_queue.models import (
 )
 from semibot_queue.producer import TaskProducer
 from semibot_queue.settings import QueueSettings
+from semibot_queue.supervisor import RestartPolicy, run_workers
 
 try:
     __version__ = version("semibot-queue")
@@ -52,6 +54,7 @@ __all__ = [
     "QueueOutOfMemoryError",
     "QueueSettings",
     "RedisCommandError",
+    "RestartPolicy",
     "SettingsError",
     "TaskConsumer",
     "TaskMessage",
@@ -60,4 +63,5 @@ __all__ = [
     "TaskResult",
     "TaskStatus",
     "TaskTimeoutError",
+    "run_workers",
 ]

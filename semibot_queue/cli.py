@@ -49,6 +49,7 @@ from semibot_queue.errors import (
 from semibot_queue.keys import KeySpace
 from semibot_queue.producer import TaskProducer, default_redis_url
 from semibot_queue.settings import QueueSettings
+from semibot_queue.supervisor import run_workers
 from semibot_queue.tables import print_dead_letters, print_record, print_stats
 
 
@@ -167,21 +168,39 @@ def load_handler(spec: str) -> Callable[..., Any]:
 
 
 def _worker(args: argparse.Namespace, _out: TextIO) -> int:
-    from semibot_queue.worker_process import run_worker  # noqa: PLC0415 - only the worker needs it
-
     logs.configure(args.log_level or "INFO", args.log_format)
     url = _url(args)
     metrics = None
     if args.metrics_port is not None:
         metrics = (args.metrics_host, args.metrics_port)
         check_metrics_address(*metrics)
+    handler = load_handler(args.handler)  # refused here, before any process starts
+    if args.processes is not None:
+        return _supervise(args, url)
+    from semibot_queue.worker_process import run_worker  # noqa: PLC0415 - only the worker needs it
+
     return run_worker(
-        handler=load_handler(args.handler),
+        handler=handler,
         redis_url=url,
         queue=args.queue,
         settings=_settings(one_shot=False),
         concurrency=args.concurrency,
         metrics=metrics,
+    )
+
+
+def _supervise(args: argparse.Namespace, url: str) -> int:
+    """``worker --processes N``: N worker processes with these options, one supervisor."""
+    return run_workers(
+        args.handler,
+        processes=args.processes,
+        redis_url=url,
+        queue_name=args.queue,
+        concurrency=args.concurrency,
+        settings=_settings(one_shot=False),
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        worker_args=["--log-level", args.log_level or "INFO", "--log-format", args.log_format],
     )
 
 

@@ -212,6 +212,13 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         help="handlers run at once (default: MAX_CONCURRENT_TASKS)",
     )
     worker.add_argument(
+        "--processes",
+        type=_whole(1),
+        metavar="N",
+        help="run N worker processes under a supervisor that restarts them (default: one"
+        " worker, in this process)",
+    )
+    worker.add_argument(
         "--metrics-port",
         type=_whole(1, _MAX_PORT),
         metavar="PORT",

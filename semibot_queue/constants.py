@@ -100,7 +100,7 @@ REPLICA_ACK_TIMEOUT = 1.0
 #: Retries after the first attempt before a failing task is dead-lettered.
 MAX_RETRY_ATTEMPTS = 3
 
-#: Seconds a handler may run (not enforced yet: issue 9 item 4 is open); 0 = no limit.
+#: Seconds a handler may run before TaskTimeoutError is raised in its thread; 0 = no limit.
 TASK_TIME_LIMIT = 0.0
 
 #: The error text of a cancelled task's result.
@@ -180,3 +180,28 @@ DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 
 #: Outcomes one round trip of the recorder records at most.
 MAX_ACK_BATCH = 64
+
+# --- supervisor (worker --processes N) ----------------------------------------
+
+#: Seconds before a worker process that died is started again; doubles with each death
+#: of that process within RESTART_WINDOW.
+RESTART_BACKOFF_BASE = 0.5
+
+#: Seconds a restart delay grows to at most.
+RESTART_BACKOFF_CAP = 30.0
+
+#: Seconds over which the deaths of one worker process count towards giving up.
+RESTART_WINDOW = 60.0
+
+#: Restarts of one worker process within RESTART_WINDOW; one more death and the
+#: supervisor gives up (exit 1) instead of restarting it in a loop.
+MAX_RESTARTS_IN_WINDOW = 5
+
+#: Seconds between two looks of the supervisor at its worker processes and signals.
+SUPERVISOR_POLL_INTERVAL = 0.05
+
+#: Seconds a stopping worker process gets beyond SHUTDOWN_TIMEOUT before it is killed.
+SUPERVISOR_KILL_MARGIN = 10.0
+
+#: Prefix of the temporary directory of the worker processes' metrics files.
+METRICS_DIR_PREFIX = "semibot-queue-metrics-"

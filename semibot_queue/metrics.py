@@ -1,7 +1,10 @@
 """Prometheus metrics of one queue, registered in an injected ``CollectorRegistry``.
 
 Several producers or consumers of one process may share a registry: each metric is
-created once per registry and every instance uses its ``queue`` label.
+created once per registry and every instance uses its ``queue`` label. Under
+prometheus-client's multiprocess mode (``worker --processes N``) each gauge says how the
+values of the processes combine: running handlers add up; lengths, which every process reads
+from the same Redis, are the highest reading of a live process.
 """
 
 from __future__ import annotations
@@ -51,8 +54,9 @@ class Metrics:
         def counter(name: str, doc: str) -> Any:
             return _metric(reg, Counter, name, doc).labels(queue=queue)
 
-        def gauge(name: str, doc: str) -> Any:
-            return _metric(reg, Gauge, name, doc).labels(queue=queue)
+        def gauge(name: str, doc: str, mode: str = "livemax") -> Any:
+            # mode only matters in multiprocess mode; one process keeps its own value
+            return _metric(reg, Gauge, name, doc, multiprocess_mode=mode).labels(queue=queue)
 
         processed = _metric(
             reg,
@@ -70,7 +74,9 @@ class Metrics:
             buckets=DURATION_BUCKETS,
         ).labels(queue=queue)
         self.queue_length = gauge("semibot_queue_length", "Tasks pending.")
-        self.concurrent = gauge("semibot_queue_concurrent_tasks", "Handlers running now.")
+        self.concurrent = gauge(
+            "semibot_queue_concurrent_tasks", "Handlers running now.", "livesum"
+        )
         self.dead_letter_length = gauge("semibot_queue_dead_letter_length", "Dead letters kept.")
         self.scheduled_length = gauge("semibot_queue_scheduled_length", "Retries waiting.")
         self.enqueued = counter("semibot_queue_enqueued", "Tasks accepted by enqueue.")

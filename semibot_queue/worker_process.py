@@ -25,6 +25,9 @@ EXIT_FAILED = 1
 #: Exit status of a worker given an option it cannot use (a metrics port taken).
 EXIT_USAGE = 2
 
+#: Exit status of a worker whose MODULE:FUNCTION cannot be imported or called.
+EXIT_INVALID = 5
+
 #: Exit status of a worker refused by Redis: wrong password, ACL, certificate.
 EXIT_CONFIGURATION = 9
 

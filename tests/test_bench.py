@@ -16,6 +16,7 @@ FIGURES = {
     "enqueue_per_s",
     "enqueue_many_per_s",
     "noop_per_s",
+    "noop_p2_per_s",
     "sleep_s",
     "sleep_vs_ideal",
     "start_p50_ms",

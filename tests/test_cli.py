@@ -1111,6 +1111,11 @@ BAD_VALUES = [
     (["worker", "cli_handlers:echo", "--concurrency", "-3", *U], "--concurrency"),
     (["worker", "cli_handlers:echo", "--concurrency", "2.5", *U], "--concurrency"),
     (["worker", "cli_handlers:echo", "--concurrency", "many", *U], "--concurrency"),
+    (["worker", "cli_handlers:echo", "--processes", "0", *U], "--processes"),
+    (["worker", "cli_handlers:echo", "--processes", "-2", *U], "--processes"),
+    (["worker", "cli_handlers:echo", "--processes", "1.5", *U], "--processes"),
+    (["worker", "cli_handlers:echo", "--processes", "two", *U], "--processes"),
+    (["worker", "cli_handlers:echo", "--processes", "", *U], "--processes"),
     (["worker", "cli_handlers:echo", "--metrics-port", "0", *U], "--metrics-port"),
     (["worker", "cli_handlers:echo", "--metrics-port", "-1", *U], "--metrics-port"),
     (["worker", "cli_handlers:echo", "--metrics-port", "65536", *U], "--metrics-port"),
@@ -1285,12 +1290,13 @@ class TestUsageErrors:
         ("argv", "option"),
         [
             (["worker", "cli_handlers:echo", "--concurrency", "0"], "--concurrency"),
+            (["worker", "cli_handlers:echo", "--processes", "0"], "--processes"),
             (["stats", "--watch", "-1"], "--watch"),
             (["dlq", "list", "--limit", "-1"], "--limit"),
             (["enqueue", *TASK, "--wait", "-5"], "--wait"),
             (["demo", "--tasks", "-1"], "--tasks"),
         ],
-        ids=["concurrency", "watch", "limit", "wait", "tasks"],
+        ids=["concurrency", "processes", "watch", "limit", "wait", "tasks"],
     )
     def test_subprocess_exits_2_with_one_line(self, launcher, argv, option):
         done = run(launcher, *argv, *U, env=cli_env(**FAST_RECONNECT))
