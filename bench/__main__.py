@@ -1,4 +1,5 @@
-"""``python -m bench [--quick] [--runs N] [--systems a,b,...] [--output PATH]``.
+"""``python -m bench [--quick] [--runs N] [--systems a,b,...] [--output PATH]``, or
+``python -m bench soak [--minutes M]`` (a long steady run, see bench/soak.py).
 
 Prints the table; writes the results JSON to ``bench/results/<date>.json`` for a full run
 (a ``--quick`` run writes a file only when ``--output`` is given). Exit status: 0 when every
@@ -44,9 +45,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark; return the process exit status."""
+    """Run the benchmark (or ``soak``, see bench/soak.py); return the process exit status."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["soak"]:
+        from bench import soak  # noqa: PLC0415 - only the soak needs it
+
+        return soak.main(arguments[1:])
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     if args.show is not None:
         print(render(read_json(args.show)))
         return 0
