@@ -17,8 +17,8 @@ from __future__ import annotations
 import ctypes
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from types import TracebackType
 
 import attrs
 
@@ -65,35 +65,44 @@ class TimeLimiter:
         self._stopping = False
         self._thread: threading.Thread | None = None
 
-    @contextmanager
-    def limit(self, task_id: str, seconds: float | None) -> Iterator[None]:
-        """Run the block under a limit of ``seconds`` (None or 0: no limit)."""
+    def limit(self, task_id: str, seconds: float | None) -> _Limit:
+        """A context manager running its block under a limit of ``seconds`` (None or 0:
+        no limit). A class, not a generator: on CPython 3.13.0 an asynchronous exception
+        raised in the block of a generator-based context manager skips the handlers
+        around the ``with``."""
         if not seconds:
-            yield
-            return
+            return _Limit(None, self._register, self._unregister)
         entry = _Running(task_id, threading.get_ident(), self._clock() + seconds)
-        # The exception is fired once at most, and only while the entry is registered.
-        # Wherever in this thread it lands (the block, the registration, the cleanup),
-        # the cleanup below runs to its end: once it has, nothing can surface later in
-        # the worker's own code. No helper call here: a call is where it can land.
+        return _Limit(entry, self._register, self._unregister)
+
+    def forget(self) -> None:
+        """Forget the calling thread's entry, if any. For the code that caught this
+        thread's TaskTimeoutError: the exception came (it comes once), so nothing can
+        land here, and an entry the exit of its block could not remove goes now."""
+        with self._lock:
+            self._running.pop(threading.get_ident(), None)
+
+    def _register(self, entry: _Running) -> None:
+        with self._lock:
+            self._running[entry.thread_id] = entry
+            self._changed.notify_all()
+
+    def _unregister(self, entry: _Running) -> bool:
+        """Remove ``entry``; whether its exception landed here instead of in the block.
+
+        The exception is fired once at most, and only while the entry is registered: once
+        this returns, nothing can surface later in the worker's own code.
+        """
         late = False
-        try:
-            with self._lock:
-                self._running[entry.thread_id] = entry
-                self._changed.notify_all()
-            yield
-        finally:
-            while True:
-                try:
-                    with self._lock:
-                        self._running.pop(entry.thread_id, None)
-                        if entry.fired:
-                            _raise_in(entry.thread_id, None)  # raised, perhaps not seen yet
-                    break
-                except TaskTimeoutError:
-                    late = True
-        if late:  # it landed in the cleanup: the block ran out its time all the same
-            raise TaskTimeoutError(f"task {task_id} ran past its time limit")
+        while True:
+            try:
+                with self._lock:
+                    self._running.pop(entry.thread_id, None)
+                    if entry.fired:
+                        _raise_in(entry.thread_id, None)  # raised, perhaps not seen yet
+                return late
+            except TaskTimeoutError:
+                late = True
 
     def start(self) -> None:
         """Start the thread."""
@@ -132,3 +141,34 @@ class TimeLimiter:
         else:
             entry.deadline = float("inf")  # reported once
             self._on_stuck(entry.task_id)
+
+
+class _Limit:
+    """``with limiter.limit(task_id, seconds):`` (see TimeLimiter.limit); ``entry`` is
+    None for no limit."""
+
+    def __init__(
+        self,
+        entry: _Running | None,
+        register: Callable[[_Running], None],
+        unregister: Callable[[_Running], bool],
+    ) -> None:
+        self._entry = entry
+        self._register = register
+        self._unregister = unregister
+
+    def __enter__(self) -> None:
+        if self._entry is not None:
+            self._register(self._entry)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._entry is None:
+            return
+        late = self._unregister(self._entry)
+        if late and exc is None:  # it landed on the way out: the block ran out its time
+            raise TaskTimeoutError(f"task {self._entry.task_id} ran past its time limit")

@@ -129,6 +129,8 @@ class Decider:
         try:
             value = self._call(message, limit)
         except TaskTimeoutError:
+            if self.limiter is not None:
+                self.limiter.forget()  # in case it landed before its block's exit ran
             self.metrics.processed["timed_out"].inc()
             timeout = TaskTimeoutError(f"the handler ran past its time limit of {limit}s")
             return self._failed(delivery, message, timeout, started, permanent=False)
