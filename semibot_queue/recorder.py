@@ -173,8 +173,11 @@ class Recorder:
         successes = [o for o in batch if o.kind in _ACKED]
         for outcome in batch:
             if outcome.kind not in _ACKED:
-                self._record_failure(outcome)
-                self.slots.finish(outcome.delivery.stored)
+                # Out of the in-flight list but still held: the orphan search must not see
+                # it in between (see Slots.taking).
+                with self.slots.taking:
+                    self._record_failure(outcome)
+                    self.slots.finish(outcome.delivery.stored)
         take = 0 if self.stopping.is_set() else self.slots.reserve(freed=len(successes))
         if not successes and not take:
             return

@@ -20,8 +20,9 @@ class Slots:
         self._running: Counter[bytes] = Counter()
         self._reserved = 0
         self._changed = threading.Condition()
-        #: Held by the acker from its Redis call until the tasks it took hold slots, and by
-        #: the orphan search: tasks in flight in Redis but not yet held are not orphans.
+        #: Held by the recorder from each Redis call until the slots match it (tasks it
+        #: took are held, tasks it finished are freed), and by the orphan search: a task
+        #: in flight in Redis but not yet held, or held but just finished, is no orphan.
         self.taking = threading.Lock()
 
     def _free(self) -> int:

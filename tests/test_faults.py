@@ -957,3 +957,36 @@ def test_tasks_an_ack_took_are_not_run_again_by_the_orphan_search_after_a_fetch_
     assert runs == Counter(dict.fromkeys([*warm, first, *rest], 1)), (
         "tasks ran twice in one healthy worker, with the same delivery_count"
     )
+
+
+def test_a_task_whose_retry_is_recorded_during_the_orphan_search_is_not_run_again(
+    redis_url: str, redis_client: Client, proxy: LossyProxy
+) -> None:
+    # The chaos run's duplicate: the orphan search listed the in-flight list with the task
+    # in it, the task's retry was recorded and its slot freed before the search compared
+    # that list with the slots, so the task looked taken-but-unheld and ran again.
+    runs: Counter[tuple[str, int]] = Counter()
+
+    def fails_once(message: TaskMessage) -> str:
+        runs[message.task_id, message.retry_count] += 1
+        time.sleep(float(message.config.get("sleep", 0.0)))
+        if message.retry_count == 0 and message.config.get("fail"):
+            raise RuntimeError("first attempt fails")
+        return "done"
+
+    ledger = Ledger(redis_client, KEYS)
+    with running_consumer(
+        proxy.url, fails_once, concurrency=2, retry_base_delay=0.05, retry_max_delay=0.05
+    ):
+        warm = enqueue(redis_url, [task()])  # Redis now knows every script
+        ledger.wait_settled(warm, 10.0)
+        [failing] = enqueue(redis_url, [task(sleep=0.5, fail=True)])
+        wait_until(lambda: runs[failing, 0], 10.0, "the failing task to start")
+        # The search's list is read while the task runs; its reply comes after the retry.
+        proxy.delay_reply_to(b"LRANGE", 1.5)
+        wait_until(lambda: cut_blocking_pop(redis_client), 5.0, "a blocking pop to cut")
+        wait_until(proxy.request_seen.is_set, 5.0, "the orphan search's LRANGE")
+        ledger.wait_settled([failing], 10.0)
+    assert runs == Counter({(warm[0], 0): 1, (failing, 0): 1, (failing, 1): 1}), (
+        "the failing task's first attempt ran twice in one healthy worker"
+    )
