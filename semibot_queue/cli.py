@@ -29,11 +29,11 @@ from semibot_queue.cli_parser import (
     check_redis_url,
     parse,
 )
+from semibot_queue.clients import make_client
 from semibot_queue.codec import Codec
 from semibot_queue.connection import (
     REDIS_ERRORS,
     is_transient,
-    make_client,
     mask_url,
     translate,
 )
@@ -296,7 +296,7 @@ def _stats(args: argparse.Namespace, out: TextIO) -> int:
     settings = _settings()
     url = _url(args)
     keys = KeySpace.of(args.queue, settings)
-    client = make_client(url, settings)
+    client = make_client(url, settings, queue=keys.queue)
     try:
         while True:
             try:

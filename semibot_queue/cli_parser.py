@@ -20,6 +20,7 @@ from typing import Any, Final, NoReturn
 
 import redis
 
+from semibot_queue.clients import is_distributed, parse_distributed_url
 from semibot_queue.connection import mask_url
 from semibot_queue.constants import (
     DEFAULT_QUEUE_NAME,
@@ -29,7 +30,7 @@ from semibot_queue.constants import (
     METRICS_HOST,
 )
 from semibot_queue.demo import DEMO_TASKS
-from semibot_queue.errors import QueueError
+from semibot_queue.errors import QueueConfigurationError, QueueError
 from semibot_queue.keys import is_valid_name
 
 #: Levels ``--log-level`` accepts.
@@ -111,7 +112,12 @@ def check_redis_url(text: str) -> str:
         # Not echoed: without a scheme, a password in it could not be masked.
         raise argparse.ArgumentTypeError(f"must be a URL such as {DEFAULT_REDIS_URL}")
     try:
-        redis.BlockingConnectionPool.from_url(text)  # parses only, as make_client's does
+        if is_distributed(text):
+            parse_distributed_url(text)
+        else:
+            redis.BlockingConnectionPool.from_url(text)  # parses only, as make_client's does
+    except QueueConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{mask_url(text)!r}: {exc}") from None
     return text

@@ -6,7 +6,8 @@ Every redis-py exception becomes a :class:`~semibot_queue.errors.QueueError` thr
     redis-py raises                                  callers get                retried?
     ConnectionError, TimeoutError, LOADING,          QueueConnectionError       yes, up to
     READONLY, MASTERDOWN, TRYAGAIN, NOREPLICAS,      (after the last attempt)   MAX_RECONNECT_
-    CLUSTERDOWN, BUSY: "not now", nothing ran                                   ATTEMPTS
+    CLUSTERDOWN, BUSY, MOVED, ASK: "not now" or                                 ATTEMPTS
+    "not here", nothing ran
     AuthenticationError (WRONGPASS, NOAUTH), NOPERM, QueueConfigurationError    never
     AuthorizationError, a failed TLS handshake
     (an ssl.SSLError inside a ConnectionError)
@@ -29,8 +30,8 @@ from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import redis
-from redis.backoff import NoBackoff
 from redis.exceptions import (
+    AskError,
     AuthenticationError,
     AuthenticationWrongNumberOfArgsError,
     AuthorizationError,
@@ -43,7 +44,6 @@ from redis.exceptions import (
     SlotNotCoveredError,
     TryAgainError,
 )
-from redis.retry import Retry
 
 from semibot_queue.backoff import Random, exponential_delay
 from semibot_queue.errors import (
@@ -84,11 +84,13 @@ TRANSIENT = (
     ClusterDownError,  # CLUSTERDOWN, and MasterDownError (MASTERDOWN)
     TryAgainError,  # TRYAGAIN: a slot in the middle of a migration
     SlotNotCoveredError,  # the cluster client's map is out of date
+    AskError,  # MOVED (a MovedError is one) and ASK: the slot is served elsewhere now
 )
 
 #: Error codes of replies saying "not now": Redis did not run the command.
 _TRANSIENT_CODES = frozenset(
     {"LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS", "BUSY"}
+    | {"MOVED", "ASK"}
 )
 
 #: How Redis 7.0 words an ACL refusal of a command called from a script (an ERR reply;
@@ -210,30 +212,6 @@ def translate(exc: BaseException, what: str = "a command", *, url: str | None = 
 
 
 # --- clients ------------------------------------------------------------------------------
-
-
-def make_client(
-    url: str, settings: QueueSettings, *, socket_timeout: float | None = None
-) -> Client:
-    """A client for ``url`` (``redis://``, ``rediss://``, ``unix://``; ACL users in it).
-
-    At most ``settings.max_connections`` connections, however many threads use it: a
-    caller waits for a free one, it never fails for want of one. The client never
-    re-sends a command itself. Its socket timeout, ``settings.socket_timeout`` unless
-    ``socket_timeout`` is given (a client for long blocking pops), bounds every call.
-    """
-    pool = redis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=settings.max_connections,
-        timeout=None,  # wait for a free connection as long as it takes
-        socket_timeout=settings.socket_timeout if socket_timeout is None else socket_timeout,
-        socket_connect_timeout=settings.socket_timeout,
-        health_check_interval=0,
-        retry=Retry(NoBackoff(), 0),
-    )
-    client: Client = redis.Redis(connection_pool=pool)
-    client.auto_close_connection_pool = True  # close() closes the pool, as from_url's do
-    return client
 
 
 def _retries(client: Any) -> int:

@@ -95,6 +95,10 @@ MIN_REPLICAS_TO_ACK = 0
 #: Seconds a write waits for MIN_REPLICAS_TO_ACK replicas before it counts as failed.
 REPLICA_ACK_TIMEOUT = 1.0
 
+#: MOVED or ASK replies one script call follows before it reports the error (a cluster
+#: whose slot map keeps changing); each says the script did not run.
+CLUSTER_REDIRECTS = 5
+
 # --- retries and dead letters ----------------------------------------------
 
 #: Retries after the first attempt before a failing task is dead-lettered.

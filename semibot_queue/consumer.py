@@ -32,13 +32,12 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from semibot_queue.backoff import Random
+from semibot_queue.clients import given_client, make_client
 from semibot_queue.codec import Codec, task_id_of
 from semibot_queue.connection import (
     REDIS_ERRORS,
     Client,
     Reconnector,
-    check_client,
-    make_client,
     translate,
 )
 from semibot_queue.constants import BLOCKING_MARGIN
@@ -120,7 +119,14 @@ class TaskConsumer:
         self.inflight = self.keys.inflight(self.worker_id)
         self.handler = handler
         self.metrics = Metrics(self.keys.queue, registry)
-        self._given_client = check_client(client) if client is not None else None
+        self._given_client: Client | None = None
+        #: Whether the given client is one of ours (built on a given cluster or Sentinel
+        #: client's nodes), to close with the consumer.
+        self._owns_given = False
+        if client is not None:
+            self._given_client, self._owns_given = given_client(
+                client, self.settings, self.keys.queue
+            )
         self._client: Client | None = None
         self._pop_client: Client | None = None
         self._pop_timeout = self.settings.queue_poll_timeout
@@ -162,7 +168,7 @@ class TaskConsumer:
         if self._client is not None:
             return
         s = self.settings
-        client = self._given_client or make_client(self.redis_url, s)
+        client = self._given_client or make_client(self.redis_url, s, queue=self.keys.queue)
         self._reconnect.call("connect", client.ping)
         if self._given_client is None:
             # The blocking pop has a connection of its own whose socket timeout leaves a
@@ -170,6 +176,7 @@ class TaskConsumer:
             self._pop_client = make_client(
                 self.redis_url,
                 attrs.evolve(s, max_connections=1),  # one pop at a time
+                queue=self.keys.queue,
                 socket_timeout=s.queue_poll_timeout + BLOCKING_MARGIN,
             )
             self._pop_timeout = s.queue_poll_timeout
@@ -177,15 +184,15 @@ class TaskConsumer:
             self._pop_client = client
             self._pop_timeout = _pop_timeout(client, s.queue_poll_timeout)
         self._client = client
-        self._scripts = Scripts(client, self.keys)
+        self._scripts = Scripts(client, self.keys, self.settings)
         self._warn_if_evicting(client)
 
     def disconnect(self) -> None:
         """Close the connections (a given client is left to its owner)."""
         if self._scripts is not None:
             self._scripts.close()
-        if self._given_client is None:
-            for client in (self._client, self._pop_client):
+        if self._given_client is None or self._owns_given:
+            for client in {self._client, self._pop_client}:
                 if client is not None:
                     client.close()
         self._client = None

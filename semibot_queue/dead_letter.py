@@ -17,8 +17,9 @@ from typing import cast
 
 import attrs
 
+from semibot_queue.clients import given_client, make_client
 from semibot_queue.codec import Codec
-from semibot_queue.connection import Client, Reconnector, make_client
+from semibot_queue.connection import Client, Reconnector
 from semibot_queue.constants import DEAD_LETTER_ID_SEPARATOR
 from semibot_queue.errors import DuplicateTaskError, InvalidTaskError, QueueError, QueueFullError
 from semibot_queue.keys import KeySpace
@@ -148,9 +149,12 @@ class DeadLetterQueue:
         self.redis_url = redis_url or default_redis_url()
         self.keys = KeySpace.of(queue_name, self.settings)
         self._codec = Codec(self.settings.max_payload_bytes)
-        self._given_client = client
-        self._client = client or make_client(self.redis_url, self.settings)
-        self._scripts = Scripts(self._client, self.keys)
+        self._client, self._owned = (
+            (make_client(self.redis_url, self.settings, queue=self.keys.queue), True)
+            if client is None
+            else given_client(client, self.settings, self.keys.queue)
+        )
+        self._scripts = Scripts(self._client, self.keys, self.settings)
         self._retry = Reconnector(self.redis_url, self.keys.queue, self.settings)
 
     def __enter__(self) -> DeadLetterQueue:
@@ -167,7 +171,7 @@ class DeadLetterQueue:
     def close(self) -> None:
         """Close the connection (a given client is left to its owner)."""
         self._scripts.close()
-        if self._given_client is None:
+        if self._owned:
             self._client.close()
 
     def count(self) -> int:

@@ -15,13 +15,13 @@ from types import TracebackType
 from prometheus_client import CollectorRegistry
 
 from semibot_queue.admission import LengthWatch, delay_ms, named, refuse_repeated_ids
+from semibot_queue.clients import given_client, make_client
 from semibot_queue.codec import Codec, cancelled_result
 from semibot_queue.connection import (
     REDIS_ERRORS,
     Client,
     Reconnector,
     as_bytes,
-    make_client,
     translate,
 )
 from semibot_queue.constants import (
@@ -77,7 +77,14 @@ class TaskProducer:
         self.keys = KeySpace.of(queue_name, self.settings)
         self._codec = Codec(self.settings.max_payload_bytes)
         self.metrics = Metrics(self.keys.queue, registry)
-        self._given_client = client
+        self._given_client: Client | None = None
+        #: Whether the given client is one of ours (on a given cluster or Sentinel
+        #: client's nodes), to close with the producer.
+        self._owns_given = False
+        if client is not None:
+            self._given_client, self._owns_given = given_client(
+                client, self.settings, self.keys.queue
+            )
         self._client: Client | None = None
         self._scripts: Scripts | None = None
         self._waiters: ResultWaiters | None = None
@@ -93,10 +100,12 @@ class TaskProducer:
         """Open the connection and check that Redis answers (QueueConnectionError if not)."""
         if self._client is not None:
             return
-        client = self._given_client or make_client(self.redis_url, self.settings)
+        client = self._given_client or make_client(
+            self.redis_url, self.settings, queue=self.keys.queue
+        )
         self._retry.call("connect", client.ping)
         self._client = client
-        self._scripts = Scripts(client, self.keys)
+        self._scripts = Scripts(client, self.keys, self.settings)
         self._waiters = ResultWaiters(
             client,
             self.keys,
@@ -113,7 +122,7 @@ class TaskProducer:
             self._waiters.close()
         if self._scripts is not None:
             self._scripts.close()
-        if self._client is not None and self._given_client is None:
+        if self._client is not None and (self._given_client is None or self._owns_given):
             self._client.close()
         self._client = None
         self._scripts = None

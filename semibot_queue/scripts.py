@@ -1,31 +1,29 @@
 """Typed wrappers of the Lua scripts in ``lua/``: one script per change of state.
 
 Each wrapper names the keys it passes and returns plain Python values. Scripts run
-with EVALSHA on a pooled connection, and are loaded again when Redis forgot them (after
-a restart).
+through :mod:`semibot_queue.script_runner` (EVALSHA on a pooled connection, loaded again
+when Redis forgot them, redirections followed, replicas waited for).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import threading
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any, Literal
 
 import attrs
-import redis
 
 from semibot_queue.codec import task_id_of
-from semibot_queue.connection import Client, check_client, is_transient
+from semibot_queue.connection import Client
 from semibot_queue.constants import (
     DEAD_LETTER_ID_SEPARATOR,
-    IDLE_SCRIPT_CONNECTIONS,
     MAINTENANCE_BATCH,
     MAX_NAME_LENGTH,
 )
 from semibot_queue.keys import KeySpace, is_valid_name
+from semibot_queue.script_runner import Connections, Script
+from semibot_queue.settings import QueueSettings
 
 #: Prelude defining task_id_of(), key_of() and counts_of() (see its header).
 TASK_ID_PRELUDE = "lib_task_id"
@@ -38,127 +36,6 @@ def load_source(*names: str) -> str:
     """The source of the scripts ``names``, in order: preludes first, then the script."""
     lua = resources.files("semibot_queue").joinpath("lua")
     return "\n".join(lua.joinpath(f"{name}.lua").read_text("utf-8") for name in names)
-
-
-class _Script:
-    """One Lua script, sent straight down a connection lent by the pool for the call.
-
-    This is redis-py's ``Script`` without the client's command layer: on this hot path
-    that layer cost more CPU than the round trip itself (about 130 against 50 us per
-    call, measured with ``time.process_time``), and a worker makes one call per task.
-    The pool's limits and the client's no-resend rule still hold: a call is sent once.
-    """
-
-    def __init__(self, connections: _Connections, source: str) -> None:
-        self._connections = connections
-        self._source = source
-        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
-
-    def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
-        """Run the script once (never re-sent); raw redis-py errors, callers translate."""
-        connection = self._connections.take()
-        try:
-            return self._run(connection, keys, args)
-        except redis.ResponseError as exc:
-            # An error reply was read whole: the connection is clean. But one that says
-            # "not here, not now" (READONLY after a failover, LOADING...) is dropped, so
-            # the next call dials again (a Sentinel-managed one asks for the new master).
-            if is_transient(exc):
-                connection.disconnect()
-            raise
-        except BaseException:
-            # A reply left half read (a lost link, a timeout, an interrupt) must never
-            # reach the connection's next caller: drop it; the pool reconnects on next use.
-            connection.disconnect()
-            raise
-        finally:
-            self._connections.give_back(connection)
-
-    def _run(self, connection: Any, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        connection.send_command("EVALSHA", self.sha, len(keys), *keys, *args)
-        try:
-            return connection.read_response()
-        except redis.exceptions.NoScriptError:
-            # Redis forgot it (a restart, SCRIPT FLUSH): nothing ran, so sending it is safe.
-            connection.send_command("SCRIPT", "LOAD", self._source)
-            connection.read_response()
-            connection.send_command("EVALSHA", self.sha, len(keys), *keys, *args)
-            return connection.read_response()
-
-
-class _Connections:
-    """Lends the client's pooled connections one call at a time.
-
-    A call takes a connection and gives it back when it ends, so any number of threads
-    share the pool's few (``make_client``'s pool holds at most MAX_CONNECTIONS and makes
-    a caller wait for a free one). Up to IDLE_SCRIPT_CONNECTIONS given-back connections
-    (never more than a quarter of the pool) wait here for the next call instead of going
-    back to the pool: the pool's bookkeeping costs about 20 us of CPU per call, more than
-    the rest of the call. A pool that raises when it runs out (redis-py's plain
-    ConnectionPool, as an injected client may have) is waited for here, on a semaphore
-    of its size. A client that would re-send a command by itself is refused
-    (:func:`check_client`).
-    """
-
-    def __init__(self, client: Client) -> None:
-        self._pool = check_client(client).connection_pool
-        limit: int = getattr(self._pool, "max_connections", 0) or 0
-        self._keep = min(IDLE_SCRIPT_CONNECTIONS, limit // 4)
-        self._idle: list[Any] = []
-        self._lock = threading.Lock()
-        self._pid = os.getpid()
-        self._free: threading.BoundedSemaphore | None = None
-        if limit and not isinstance(self._pool, redis.BlockingConnectionPool):
-            self._free = threading.BoundedSemaphore(limit)
-
-    def take(self) -> Any:
-        """A connection for one call; waits while the pool has none free."""
-        with self._lock:
-            if self._pid != os.getpid():  # a forked child must not share the parent's sockets
-                self._idle, self._pid = [], os.getpid()  # pragma: no cover - in a child (tested)
-            connection = self._idle.pop() if self._idle else None
-        if connection is not None:
-            self._check(connection)
-            return connection
-        if self._free is not None:
-            self._free.acquire()
-        try:
-            return self._pool.get_connection()
-        except BaseException:
-            if self._free is not None:
-                self._free.release()
-            raise
-
-    def give_back(self, connection: Any) -> None:
-        """Return ``connection``, taken by :meth:`take`: kept for the next call or pooled."""
-        with self._lock:
-            if len(self._idle) < self._keep and self._pid == os.getpid():
-                self._idle.append(connection)
-                return
-        self._release(connection)
-
-    def close(self) -> None:
-        """Give the connections kept between calls back to the pool."""
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for connection in idle:
-            self._release(connection)
-
-    @staticmethod
-    def _check(connection: Any) -> None:
-        """Drop ``connection`` if the server closed it (or left data on it) while it waited
-        here, as the pool does when it lends one: the next send reconnects."""
-        try:
-            stale = connection.can_read()
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
-            stale = True
-        if stale:
-            connection.disconnect()
-
-    def _release(self, connection: Any) -> None:
-        self._pool.release(connection)
-        if self._free is not None:
-            self._free.release()
 
 
 @attrs.frozen
@@ -179,15 +56,20 @@ def _taken(moved: list[bytes], counts: list[int], cancelled: list[int]) -> list[
 
 
 class Scripts:
-    """All scripts of one queue, bound to one client and key space."""
+    """All scripts of one queue, bound to one client and key space; every one that
+    writes waits for ``settings.min_replicas_to_ack`` replicas."""
 
-    def __init__(self, client: Client, keys: KeySpace) -> None:
+    def __init__(
+        self, client: Client, keys: KeySpace, settings: QueueSettings | None = None
+    ) -> None:
         self._keys = keys
         self._client = client
-        self._connections = _Connections(client)
+        self._connections = Connections(client)
+        s = settings or QueueSettings()
 
-        def register(source: str) -> _Script:
-            return _Script(self._connections, source)
+        def register(source: str, writes: bool = True) -> Script:
+            replicas = s.min_replicas_to_ack if writes else 0
+            return Script(self._connections, source, replicas, s.replica_ack_timeout)
 
         self._enqueue = register(load_source("enqueue"))
         self._clear = register(load_source(TASK_ID_PRELUDE, "clear"))
@@ -207,7 +89,7 @@ class Scripts:
         self._dlq_delete = register(load_source(DEAD_LETTER_PRELUDE, "dlq_delete"))
         self._dlq_purge = register(load_source(DEAD_LETTER_PRELUDE, "dlq_purge"))
         self._publish_result = register(load_source("publish_result"))
-        self._status = register(load_source("status"))
+        self._status = register(load_source("status"), writes=False)
         self._cancel = register(load_source("cancel"))
 
     def close(self) -> None:

@@ -60,13 +60,13 @@ from redis.retry import Retry
 from redis_server import HOST, RedisServer, free_port
 from semibot_queue import DeadLetterQueue, QueueSettings, TaskConsumer, TaskProducer
 from semibot_queue.cli import Exit, main
+from semibot_queue.clients import make_client
 from semibot_queue.connection import (
     TRANSIENT,
     Reconnector,
     check_client,
     is_configuration_error,
     is_transient,
-    make_client,
     translate,
 )
 from semibot_queue.constants import MAX_CONNECTIONS
@@ -78,7 +78,8 @@ from semibot_queue.errors import (
     RedisCommandError,
 )
 from semibot_queue.keys import KeySpace
-from semibot_queue.scripts import _Connections, _Script
+from semibot_queue.script_runner import Connections as _Connections
+from semibot_queue.script_runner import Script as _Script
 from support import payload, wait_until
 
 #: Retries that would show: a retried call waits exactly 1 s (no jitter) before trying again.
@@ -807,6 +808,8 @@ TRANSIENT_ERRORS = {
     "noreplicas": reply("NOREPLICAS Not enough good replicas to write."),
     "busy": reply("BUSY Redis is busy running a script."),
     "pool-exhausted": MaxConnectionsError("Too many connections"),
+    "moved": reply("MOVED 3999 127.0.0.1:6381"),  # the slot's owner changed: not run
+    "ask": reply("ASK 3999 127.0.0.1:6381"),  # the slot is being migrated: not run
     "slot-not-covered": SlotNotCoveredError("Slot 12 is not covered by the cluster"),
     "tls-link-dropped": caused_by(redis.ConnectionError("EOF"), ssl.SSLEOFError(8, "EOF")),
 }
@@ -836,7 +839,6 @@ COMMAND_ERRORS = {
     "err": reply("ERR Error running script (call to f_x): @user_script:1: bad"),
     "noscript": reply("NOSCRIPT No matching script."),
     "execabort": reply("EXECABORT Transaction discarded because of previous errors."),
-    "moved": reply("MOVED 3999 127.0.0.1:6381"),
     "data": DataError("Invalid input of type: 'dict'."),
     "invalid-response": InvalidResponse("Protocol Error: x"),
 }

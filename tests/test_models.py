@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 import semibot_queue
 from semibot_queue import constants, error_text
 from semibot_queue.backoff import exponential_delay
+from semibot_queue.clients import make_client
 from semibot_queue.codec import (
     Codec,
     describe_error,
@@ -33,7 +34,7 @@ from semibot_queue.codec import (
     format_traceback,
     task_id_of,
 )
-from semibot_queue.connection import Reconnector, make_client, mask_url
+from semibot_queue.connection import Reconnector, mask_url
 from semibot_queue.constants import MAX_NAME_LENGTH
 from semibot_queue.errors import (
     DuplicateTaskError,

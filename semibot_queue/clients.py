@@ -1,0 +1,408 @@
+"""The clients of every engine: one server, Redis Cluster and Sentinel.
+
+:func:`make_client` builds the client for a URL; :func:`adopt` wraps a given cluster or
+Sentinel client.
+
+A queue lives in one hash slot (every key is ``{queue}:...``, and the plain pending key
+hashes the same), so on a cluster it lives on one master, and under Sentinel on the
+current master. Either way the queue talks to one node at a time: the client here is a
+plain ``redis.Redis`` whose pool dials wherever a :class:`Router` says that node is now.
+Everything built for one server (scripts on a lent connection, the blocking pop,
+pipelines, pub/sub) works unchanged, and one round trip stays one round trip.
+
+The router learns the node from the seeds (``CLUSTER SLOTS``) or the sentinels
+(``SENTINEL GET-MASTER-ADDR-BY-NAME``), moves at once on a ``MOVED`` reply, and asks
+again after ``READONLY``/``MASTERDOWN`` (a demoted master) or a failed dial. Connections
+dialled for an older answer are dropped when next lent, never from another thread.
+The replies themselves stay errors for the caller, who repeats what is safe to repeat:
+none of them ran the command.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.connection import Connection, SSLConnection, parse_url
+from redis.crc import key_slot
+from redis.exceptions import AskError, MovedError
+from redis.retry import Retry
+from redis.sentinel import SentinelConnectionPool
+
+from semibot_queue.connection import Client, check_client, is_configuration_error, mask_url
+from semibot_queue.constants import DEFAULT_QUEUE_NAME
+from semibot_queue.errors import QueueConfigurationError
+from semibot_queue.settings import QueueSettings
+
+Address = tuple[str, int]
+
+#: URL schemes of the distributed engines, and whether each uses TLS.
+CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
+SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
+
+#: redis-py's URL parser (untyped), for the options of a cluster or Sentinel URL.
+_PARSE_URL: Any = parse_url
+
+#: Reply codes saying "this node is not the master any more": ask where it is now.
+_RELOCATE_CODES = ("READONLY", "MASTERDOWN")
+
+
+def is_distributed(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster or a Sentinel-managed master."""
+    scheme = url.partition("://")[0].lower()
+    return scheme in CLUSTER_SCHEMES or scheme in SENTINEL_SCHEMES
+
+
+class Router:
+    """Where the queue's node is now; found on first use, and again when told it moved.
+
+    ``generation`` changes with every move, so a connection knows whether it was dialled
+    for the current answer.
+    """
+
+    def __init__(self, locate: Callable[[], Address], describe: str) -> None:
+        self._locate = locate
+        self.describe = describe
+        self._lock = threading.Lock()
+        self._address: Address | None = None
+        self.generation = 0
+
+    def address(self) -> tuple[int, Address]:
+        """The generation and the address to dial (asks the seeds when none is known)."""
+        with self._lock:
+            if self._address is None:
+                self._address = self._locate()
+            return self.generation, self._address
+
+    def moved(self, generation: int, address: Address) -> None:
+        """A node of ``generation`` answered MOVED to ``address``: go there."""
+        with self._lock:
+            if generation == self.generation and address != self._address:
+                self._address = address
+                self.generation += 1
+
+    def forget(self, generation: int) -> None:
+        """A node of ``generation`` is no master now (or unreachable): ask again."""
+        with self._lock:
+            if generation == self.generation:
+                self._address = None
+                self.generation += 1
+
+
+class Routed:
+    """Dials the router's address, and tells the router what the node answered.
+
+    Mixed into redis-py's connection classes; ``connect`` is what the pool calls on
+    every connection it lends, so a connection dialled for an old answer is dropped
+    there, by the thread about to use it.
+    """
+
+    host: str
+    port: int
+    _sock: Any
+    disconnect: Any  # redis-py's (untyped)
+
+    def __init__(self, *, router: Router, **kwargs: Any) -> None:
+        self.router = router
+        self.generation = -1  #: the router's generation this connection was dialled for
+        super().__init__(**kwargs)
+
+    def stale(self) -> bool:
+        """Whether it was dialled for an answer the router has since replaced."""
+        return self.generation != self.router.generation
+
+    def connect(self) -> None:
+        """Connect to where the router says the queue's node is now."""
+        base: Any = super()
+        if self._sock is not None and self.generation != self.router.generation:
+            base.disconnect()
+        if self._sock is None:
+            self.generation, (self.host, self.port) = self.router.address()
+        try:
+            base.connect()
+        except redis.ConnectionError:
+            self.router.forget(self.generation)
+            raise
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        """redis-py's, telling the router about MOVED and READONLY/MASTERDOWN replies."""
+        base: Any = super()
+        try:
+            return base.read_response(*args, **kwargs)
+        except MovedError as exc:
+            self.router.moved(self.generation, (exc.host, int(exc.port)))
+            raise
+        except redis.ResponseError as exc:
+            if not isinstance(exc, AskError) and str(exc).startswith(_RELOCATE_CODES):
+                self.router.forget(self.generation)
+            raise
+
+
+class RoutedConnection(Routed, Connection):
+    """A TCP connection to the router's node."""
+
+
+class RoutedSSLConnection(Routed, SSLConnection):
+    """A TLS connection to the router's node."""
+
+
+# --- URLs ---------------------------------------------------------------------------------
+
+
+def _hosts(netloc: str, url: str) -> list[Address]:
+    hosts = []
+    for part in netloc.rpartition("@")[2].split(","):
+        host, colon, port = part.strip().rpartition(":")
+        if not colon or not host or not port.isdigit():
+            raise QueueConfigurationError(
+                f"{mask_url(url)}: {part.strip()!r} is not host:port (list every node as"
+                " host:port, separated by commas)"
+            )
+        hosts.append((host.strip("[]"), int(port)))
+    return hosts
+
+
+def parse_distributed_url(url: str) -> tuple[str, list[Address], str, dict[str, Any]]:
+    """``(engine, hosts, master_name, connection options)`` of a cluster or Sentinel URL.
+
+    ``redis+cluster://[user:pw@]h:p[,h:p...][/0][?options]`` and
+    ``redis+sentinel://[user:pw@]h:p[,h:p...]/MASTER_NAME[/db][?options]`` (``rediss+``
+    for TLS); the options are redis-py's URL options. Raises QueueConfigurationError.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    tls = CLUSTER_SCHEMES.get(scheme, SENTINEL_SCHEMES.get(scheme))
+    if tls is None:
+        raise QueueConfigurationError(f"{mask_url(url)}: not a cluster or Sentinel URL")
+    engine = "cluster" if scheme in CLUSTER_SCHEMES else "sentinel"
+    hosts = _hosts(parts.netloc, url)
+    path = [unquote(p) for p in parts.path.split("/") if p]
+    master = ""
+    if engine == "sentinel":
+        if not path:
+            raise QueueConfigurationError(
+                f"{mask_url(url)}: name the master after the sentinels"
+                " (redis+sentinel://host:port,host:port/MASTER_NAME[/db])"
+            )
+        master, path = path[0], path[1:]
+    if len(path) > 1 or (path and not path[0].isdigit()):
+        raise QueueConfigurationError(f"{mask_url(url)}: {parts.path!r} is not a database number")
+    if engine == "cluster" and path and path[0] != "0":
+        raise QueueConfigurationError(f"{mask_url(url)}: a cluster has database 0 only")
+    userinfo = parts.netloc.rpartition("@")[0]
+    host, port = hosts[0]
+    plain = f"{'rediss' if tls else 'redis'}://{userinfo + '@' if userinfo else ''}{host}:{port}"
+    try:
+        options: dict[str, Any] = _PARSE_URL(f"{plain}/{path[0] if path else 0}?{parts.query}")
+    except ValueError as exc:
+        raise QueueConfigurationError(f"{mask_url(url)}: {exc}") from None
+    for name in ("host", "port"):
+        options.pop(name, None)
+    return engine, hosts, master, options
+
+
+# --- locating the node ------------------------------------------------------------------
+
+
+def _ask(address: Address, options: dict[str, Any], *command: Any) -> Any:
+    """One command to one seed or sentinel, on a connection of its own."""
+    client: Any = redis.Redis(  # its command methods are untyped
+        host=address[0], port=address[1], retry=Retry(NoBackoff(), 0), **options
+    )
+    try:
+        return client.execute_command(*command)
+    finally:
+        client.close()
+
+
+def _first_answer(
+    addresses: list[Address], ask: Callable[[Address], Address | None], what: str
+) -> Address:
+    errors = []
+    for address in addresses:
+        try:
+            found = ask(address)
+        except redis.RedisError as exc:
+            if is_configuration_error(exc):
+                raise  # wrong credentials or certificate: every node will say the same
+            errors.append(f"{address[0]}:{address[1]}: {exc}")
+            continue
+        if found is not None:
+            return found
+        errors.append(f"{address[0]}:{address[1]}: does not know {what}")
+    raise redis.ConnectionError(f"no node told where {what} is ({'; '.join(errors)})")
+
+
+def cluster_locator(seeds: list[Address], options: dict[str, Any], slot: int) -> Router:
+    """A router to the master owning ``slot``, asked of ``seeds`` in turn."""
+    probe = _probe_options(options)
+
+    def owner(seed: Address) -> Address | None:
+        for start, end, master, *_ in _ask(seed, probe, "CLUSTER", "SLOTS"):
+            if int(start) <= slot <= int(end):
+                host = master[0].decode() if isinstance(master[0], bytes) else str(master[0])
+                return (host if host not in ("", "?") else seed[0], int(master[1]))
+        return None
+
+    names = ",".join(f"{h}:{p}" for h, p in seeds)
+    return Router(
+        lambda: _first_answer(seeds, owner, f"slot {slot}"), f"cluster {names}, slot {slot}"
+    )
+
+
+def sentinel_locator(sentinels: list[Address], options: dict[str, Any], master: str) -> Router:
+    """A router to the master named ``master``, asked of ``sentinels`` in turn."""
+    probe = _probe_options(options)
+
+    def current(sentinel: Address) -> Address | None:
+        reply = _ask(sentinel, probe, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", master)
+        if not reply:
+            return None
+        host, port = reply
+        return (host.decode() if isinstance(host, bytes) else str(host), int(port))
+
+    names = ",".join(f"{h}:{p}" for h, p in sentinels)
+    return Router(
+        lambda: _first_answer(sentinels, current, f"master {master!r}"),
+        f"sentinels {names}, master {master!r}",
+    )
+
+
+def _probe_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options of a seed or sentinel connection: the node's, minus the database;
+    sentinels take ``sentinel_username``/``sentinel_password`` instead of the node's."""
+    probe = {k: v for k, v in options.items() if k not in ("db", "connection_class")}
+    if options.get("connection_class") is SSLConnection or any(k.startswith("ssl") for k in probe):
+        probe["ssl"] = True
+    return probe
+
+
+# --- clients ------------------------------------------------------------------------------
+
+
+def make_client(
+    url: str,
+    settings: QueueSettings,
+    *,
+    queue: str = DEFAULT_QUEUE_NAME,
+    socket_timeout: float | None = None,
+) -> Client:
+    """A client for ``url``: ``redis://``, ``rediss://``, ``unix://`` (ACL users in it), or
+    a cluster or Sentinel URL (see :func:`parse_distributed_url`), there for ``queue``.
+
+    At most ``settings.max_connections`` connections, however many threads use it: a
+    caller waits for a free one, it never fails for want of one. The client never
+    re-sends a command itself. Its socket timeout, ``settings.socket_timeout`` unless
+    ``socket_timeout`` is given (a client for long blocking pops), bounds every call.
+    """
+    options: dict[str, Any] = {
+        "max_connections": settings.max_connections,
+        "timeout": None,  # wait for a free connection as long as it takes
+        "socket_timeout": settings.socket_timeout if socket_timeout is None else socket_timeout,
+        "socket_connect_timeout": settings.socket_timeout,
+        "health_check_interval": 0,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if is_distributed(url):
+        pool = distributed_pool(url, queue, **options)
+    else:
+        pool = redis.BlockingConnectionPool.from_url(url, **options)
+    client: Client = redis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True  # close() closes the pool, as from_url's do
+    return client
+
+
+def given_client(client: Any, settings: QueueSettings, queue: str) -> tuple[Client, bool]:
+    """The client to use for a ``client=`` argument, and whether we own it (must close it).
+
+    A ``RedisCluster`` or a Sentinel-managed client is replaced by one of ours on the
+    same nodes, with the same options (see :func:`adopt`); any other is used as it is,
+    once :func:`~semibot_queue.connection.check_client` accepts it.
+    """
+    ours = adopt(
+        client,
+        queue,
+        max_connections=settings.max_connections,
+        timeout=None,
+        health_check_interval=0,
+        retry=Retry(NoBackoff(), 0),
+    )
+    if ours is not None:
+        return ours, True
+    return check_client(client), False
+
+
+def distributed_pool(url: str, queue: str, **pool_options: Any) -> redis.BlockingConnectionPool:
+    """The pool for a cluster or Sentinel ``url``, for the queue named ``queue``."""
+    engine, hosts, master, options = parse_distributed_url(url)
+    tls = options.get("connection_class") is SSLConnection
+    sentinel_auth = {
+        "username": options.pop("sentinel_username", None),
+        "password": options.pop("sentinel_password", None),
+    }
+    # a seed or sentinel that hangs is given up on as a node would be
+    limits = {
+        "socket_timeout": pool_options.get("socket_connect_timeout"),
+        "socket_connect_timeout": pool_options.get("socket_connect_timeout"),
+    }
+    if engine == "cluster":
+        router = cluster_locator(hosts, {**options, **limits}, _slot(queue))
+    else:
+        router = sentinel_locator(hosts, {**options, **sentinel_auth, **limits}, master)
+    return _routed_pool(router, options, tls, **pool_options)
+
+
+def adopt(client: Any, queue: str, **pool_options: Any) -> Client | None:
+    """Our routed client on the nodes of a given ``RedisCluster`` or Sentinel-managed
+    client, or None for any other client. Theirs re-send commands and follow redirections
+    by themselves, so ours opens connections of its own, with their options."""
+    if isinstance(client, redis.RedisCluster):
+        manager = client.nodes_manager
+        seeds = [(n.host, int(n.port)) for n in manager.startup_nodes.values()]
+        options = dict(manager.connection_kwargs)
+        tls = bool(options.pop("ssl", False)) or options.get("connection_class") is SSLConnection
+        router = cluster_locator(seeds, _own(options), _slot(queue))
+    else:
+        pool = getattr(client, "connection_pool", None)
+        if not isinstance(pool, SentinelConnectionPool):
+            return None
+        manager = pool.sentinel_manager
+        sentinels = [
+            (str(kw["host"]), int(kw["port"]))
+            for kw in (s.connection_pool.connection_kwargs for s in manager.sentinels)
+        ]
+        options = dict(pool.connection_kwargs)
+        tls = issubclass(pool.connection_class, SSLConnection)
+        router = sentinel_locator(sentinels, _own(manager.sentinel_kwargs), pool.service_name)
+    ours: Client = redis.Redis(
+        connection_pool=_routed_pool(router, _own(options), tls, **pool_options)
+    )
+    ours.auto_close_connection_pool = True
+    return ours
+
+
+def _own(options: dict[str, Any]) -> dict[str, Any]:
+    """A given client's connection options, minus what our pool sets itself."""
+    theirs = ("retry", "host", "port", "connection_class", "connection_pool", "ssl")
+    return {k: v for k, v in options.items() if k not in theirs}
+
+
+def _slot(queue: str) -> int:
+    # every key of the queue is the queue name itself or carries it as its hash tag
+    return int(key_slot(queue.encode()))
+
+
+def _routed_pool(
+    router: Router, options: dict[str, Any], tls: bool, **pool_options: Any
+) -> redis.BlockingConnectionPool:
+    kwargs = {k: v for k, v in options.items() if k != "connection_class"}
+    pool_class: Any = redis.BlockingConnectionPool  # untyped in redis-py
+    return pool_class(  # type: ignore[no-any-return]
+        connection_class=RoutedSSLConnection if tls else RoutedConnection,
+        router=router,
+        **{**kwargs, **pool_options},
+    )
