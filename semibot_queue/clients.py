@@ -29,7 +29,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.connection import Connection, SSLConnection, parse_url
 from redis.crc import key_slot
-from redis.exceptions import AskError, MovedError
+from redis.exceptions import ClusterDownError, MovedError, ReadOnlyError
 from redis.retry import Retry
 from redis.sentinel import SentinelConnectionPool
 
@@ -46,9 +46,6 @@ SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
 
 #: redis-py's URL parser (untyped), for the options of a cluster or Sentinel URL.
 _PARSE_URL: Any = parse_url
-
-#: Reply codes saying "this node is not the master any more": ask where it is now.
-_RELOCATE_CODES = ("READONLY", "MASTERDOWN")
 
 
 def is_distributed(url: str) -> bool:
@@ -96,7 +93,7 @@ class Router:
 class Routed:
     """Dials the router's address, and tells the router what the node answered.
 
-    Mixed into redis-py's connection classes; ``connect`` is what the pool calls on
+    Mixed into redis-py's connection classes; ``connect_check_health`` is what the pool calls on
     every connection it lends, so a connection dialled for an old answer is dropped
     there, by the thread about to use it.
     """
@@ -115,15 +112,16 @@ class Routed:
         """Whether it was dialled for an answer the router has since replaced."""
         return self.generation != self.router.generation
 
-    def connect(self) -> None:
-        """Connect to where the router says the queue's node is now."""
+    def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
+        """Connect to where the router says the queue's node is now (redis-py's pool and
+        its first send both come through here)."""
         base: Any = super()
-        if self._sock is not None and self.generation != self.router.generation:
-            base.disconnect()
+        if self._sock is not None and self.stale():
+            self.disconnect()
         if self._sock is None:
             self.generation, (self.host, self.port) = self.router.address()
         try:
-            base.connect()
+            base.connect_check_health(*args, **kwargs)
         except redis.ConnectionError:
             self.router.forget(self.generation)
             raise
@@ -136,9 +134,8 @@ class Routed:
         except MovedError as exc:
             self.router.moved(self.generation, (exc.host, int(exc.port)))
             raise
-        except redis.ResponseError as exc:
-            if not isinstance(exc, AskError) and str(exc).startswith(_RELOCATE_CODES):
-                self.router.forget(self.generation)
+        except (ReadOnlyError, ClusterDownError):  # MASTERDOWN is a ClusterDownError
+            self.router.forget(self.generation)
             raise
 
 
