@@ -1,5 +1,7 @@
 """``python -m bench [--quick] [--runs N] [--systems a,b,...] [--output PATH]``, or
-``python -m bench soak [--minutes M]`` (a long steady run, see bench/soak.py).
+``python -m bench soak [--minutes M]`` (a long steady run, see bench/soak.py), or
+``python -m bench cluster [--tasks N]`` (queues on one or three cluster masters, see
+bench/cluster.py).
 
 Prints the table; writes the results JSON to ``bench/results/<date>.json`` for a full run
 (a ``--quick`` run writes a file only when ``--output`` is given). Exit status: 0 when every
@@ -51,6 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench import soak  # noqa: PLC0415 - only the soak needs it
 
         return soak.main(arguments[1:])
+    if arguments[:1] == ["cluster"]:
+        from bench import cluster  # noqa: PLC0415 - only the cluster run needs it
+
+        return cluster.main(arguments[1:])
     parser = _parser()
     args = parser.parse_args(arguments)
     if args.show is not None:

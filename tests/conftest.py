@@ -13,6 +13,7 @@ import fakeredis
 import pytest
 import redis
 
+from engines import RedisCluster, SentinelGroup, TlsRedis
 from redis_server import RedisServer
 
 
@@ -55,3 +56,34 @@ def fake_redis() -> Iterator[fakeredis.FakeRedis]:
     client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
     yield client
     client.close()
+
+
+# --- the distributed engines (engines.py) ---------------------------------------------
+
+
+@pytest.fixture
+def cluster1(tmp_path: Path) -> Iterator[RedisCluster]:
+    """A started single-node cluster holding all 16384 slots."""
+    with RedisCluster(tmp_path / "cluster1", masters=1) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster3(tmp_path: Path) -> Iterator[RedisCluster]:
+    """A started three-master cluster (no replicas)."""
+    with RedisCluster(tmp_path / "cluster3", masters=3) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def sentinels(tmp_path: Path) -> Iterator[SentinelGroup]:
+    """A started master + replica + three sentinels, master name ``semibot``."""
+    with SentinelGroup(tmp_path / "sentinels") as group:
+        yield group
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[TlsRedis]:
+    """A started TLS-only redis-server (client certificates optional) with its ACL file."""
+    with TlsRedis(tmp_path / "tls") as server:
+        yield server
