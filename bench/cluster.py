@@ -132,10 +132,10 @@ def _run(url: str, queues: list[str], tasks: int, workdir: Path) -> float:
     clients = [(make_client(url, settings, queue=q), KeySpace(q)) for q in queues]
     started = time.monotonic()
     command = [sys.executable, "-m", "semibot_queue", "worker", "bench.cluster:noop"]
+    command += ["--log-level", "WARNING", "--concurrency", str(CONCURRENCY)]
     workers = [
         spawn(
-            [*command, "--redis-url", url, "--queue", q, "--concurrency", str(CONCURRENCY)]
-            + ["--log-level", "WARNING"],
+            [*command, "--redis-url", url, "--queue", q],
             workdir / f"worker-{q.replace(':', '_')}.log",
         )
         for q in queues
