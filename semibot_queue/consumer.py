@@ -11,21 +11,16 @@ recovers the tasks of dead ones.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
 import random
-import signal
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from types import FrameType, TracebackType
-from typing import Any, cast
 
 import attrs
 import redis
@@ -38,40 +33,24 @@ from semibot_queue.connection import (
     REDIS_ERRORS,
     Client,
     Reconnector,
-    translate,
 )
 from semibot_queue.constants import BLOCKING_MARGIN
-from semibot_queue.errors import QueueError, QueueOutOfMemoryError
+from semibot_queue.errors import QueueError
+from semibot_queue.fetcher import BlockingPop, Fetcher, pop_timeout
 from semibot_queue.keys import KeySpace
 from semibot_queue.limits import TimeLimiter
 from semibot_queue.metrics import Metrics
 from semibot_queue.models import TaskResult
 from semibot_queue.outcomes import Decider, Delivery, Handler, Outcome
 from semibot_queue.producer import default_redis_url
-from semibot_queue.recorder import Fatal, Recorder, repeatable
+from semibot_queue.recorder import Fatal, Recorder
 from semibot_queue.scripts import Scripts
 from semibot_queue.settings import QueueSettings
+from semibot_queue.signals import install_handlers, restore_handlers, signals_to_main_thread
 from semibot_queue.slots import Slots
 from semibot_queue.watcher import Watcher
 
 log = logging.getLogger("semibot_queue.consumer")
-
-
-@contextmanager
-def signals_to_main_thread(active: bool = True) -> Iterator[None]:
-    """Threads started inside block SIGTERM and SIGINT, so the kernel delivers them to the
-    main thread: there they interrupt a blocking call (EINTR) and the handlers run at once.
-    Delivered to another thread, a signal would wait for the main thread to leave its
-    blocking pop (CPython runs signal handlers only in the main thread, between bytecodes).
-    """
-    if not active or not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def new_worker_id() -> str:
@@ -129,8 +108,7 @@ class TaskConsumer:
             )
         self._client: Client | None = None
         self._pop_client: Client | None = None
-        self._pop_timeout = self.settings.queue_poll_timeout
-        self._pop_socket: socket.socket | None = None
+        self._pop: BlockingPop | None = None
         self._scripts: Scripts | None = None
         self._handle_signals = handle_signals
         self._rand = rand
@@ -179,10 +157,13 @@ class TaskConsumer:
                 queue=self.keys.queue,
                 socket_timeout=s.queue_poll_timeout + BLOCKING_MARGIN,
             )
-            self._pop_timeout = s.queue_poll_timeout
+            wait = s.queue_poll_timeout
         else:
             self._pop_client = client
-            self._pop_timeout = _pop_timeout(client, s.queue_poll_timeout)
+            wait = pop_timeout(client, s.queue_poll_timeout)
+        self._pop = BlockingPop(
+            self._pop_client, self.keys.pending, self.inflight, wait, self._stopping
+        )
         self._client = client
         self._scripts = Scripts(client, self.keys, self.settings)
         self._warn_if_evicting(client)
@@ -197,6 +178,7 @@ class TaskConsumer:
                     client.close()
         self._client = None
         self._pop_client = None
+        self._pop = None
         self._scripts = None
 
     def _warn_if_evicting(self, client: Client) -> None:
@@ -221,7 +203,7 @@ class TaskConsumer:
         """Run until stopped. Raises QueueConnectionError if Redis stays unreachable, and
         QueueError when the worker cannot go on (its tasks are then recovered)."""
         self.connect()
-        if self._client is None or self._scripts is None:  # pragma: no cover - set by connect
+        if self._client is None or self._scripts is None or self._pop is None:  # pragma: no cover
             raise QueueError("consumer failed to connect")
         client, scripts = self._client, self._scripts
         self._hurry.clear()
@@ -229,7 +211,7 @@ class TaskConsumer:
         self._fatal = Fatal()
         self._finished.clear()
         self.unfinished = []
-        previous = self._install_signal_handlers()
+        previous = install_handlers(self._on_signal) if self._handle_signals else {}
         self._slots = Slots(self.max_concurrent)
         ready: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
 
@@ -301,7 +283,21 @@ class TaskConsumer:
                 self.max_concurrent,
                 extra=self._extra(),
             )
-            self._loop(scripts, dispatch)
+            Fetcher(
+                client=client,
+                scripts=scripts,
+                pop=self._pop,
+                inflight=self.inflight,
+                redis_url=self.redis_url,
+                settings=self.settings,
+                slots=self._slots,
+                reconnect=self._reconnect,
+                stopping=self._stopping,
+                resync=self._resync,
+                fatal=self._fatal,
+                wait_for_slot=self._wait_for_slot,
+                dispatch=dispatch,
+            ).run()
         finally:
             try:
                 self._shutdown(scripts, watcher)
@@ -316,7 +312,7 @@ class TaskConsumer:
                     for _ in range(self.max_concurrent):
                         ready.put(None)  # each pool thread ends after its current task
                     executor.shutdown(wait=False)
-                    self._restore_signal_handlers(previous)
+                    restore_handlers(previous)
                     self._stopping.clear()
                     self._finished.set()
                     log.info(
@@ -369,19 +365,6 @@ class TaskConsumer:
             self._background = None
         self.disconnect()
 
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        if not self._handle_signals or threading.current_thread() is not threading.main_thread():
-            return {}
-        previous: dict[int, Any] = {}
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            previous[signum] = signal.signal(signum, self._on_signal)
-        return previous
-
-    @staticmethod
-    def _restore_signal_handlers(previous: dict[int, Any]) -> None:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
     def _on_signal(self, _signum: int, _frame: FrameType | None) -> None:
         # Only set events: the loop and the shutdown wait act on them.
         if self._stopping.is_set():
@@ -419,98 +402,11 @@ class TaskConsumer:
     def _interrupt_pop(self) -> None:
         """Called by the watcher once stopping: end a blocking pop now, not in
         QUEUE_POLL_TIMEOUT. A task it took meanwhile is given back with the others."""
-        sock = self._pop_socket
-        if sock is not None:
-            # wakes the read (the pop thread closes it); closed meanwhile: that pop ended
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        pop = self._pop
+        if pop is not None:
+            pop.interrupt()
 
     # --- the fetch loop -------------------------------------------------------------
-
-    def _loop(self, scripts: Scripts, dispatch: Callable[[list[Delivery]], None]) -> None:
-        failures = 0
-        while not self._stopping.is_set():
-            self._fatal.raise_if_set()
-            free = self._slots.reserve()
-            if free == 0:
-                self._wait_for_slot()
-                continue
-            batch: list[Delivery] = []
-            try:
-                if self._resync.is_set():
-                    batch = self._orphans(scripts, free)
-                else:
-                    batch = self._take(scripts, free)
-            except REDIS_ERRORS as exc:
-                self._resync.set()  # a move whose reply was lost leaves an orphan
-                if self._stopping.is_set():
-                    break  # the pop was interrupted on purpose
-                failures += 1
-                if not repeatable(exc):
-                    raise translate(exc, "fetch", url=self.redis_url) from exc
-                # Raises QueueConnectionError once out of attempts.
-                self._reconnect.wait_after(_as_transient(exc), "fetch", failures)
-                continue
-            finally:
-                self._slots.fill(free, [d.stored for d in batch])
-            failures = 0
-            dispatch(batch)
-        self._fatal.raise_if_set()
-
-    def _take(self, scripts: Scripts, free: int) -> list[Delivery]:
-        batch = scripts.fetch(self.inflight, free)
-        if batch:
-            return batch
-        one = self._pop()
-        if one is None:
-            return []
-        return [scripts.took(one)]
-
-    def _pop(self) -> bytes | None:
-        """BLMOVE one task, waiting up to QUEUE_POLL_TIMEOUT (cut short by ``stop()``)."""
-        if self._pop_client is None:  # pragma: no cover - set by connect
-            raise QueueError("consumer is not connected")
-        pool = self._pop_client.connection_pool
-        connection: Any = pool.get_connection()  # redis-py leaves its methods untyped
-        try:
-            if self._stopping.is_set():
-                return None
-            connection.send_command(
-                "BLMOVE", self.keys.pending, self.inflight, "RIGHT", "LEFT", self._pop_timeout
-            )
-            # The socket the reply comes on, for the watcher to shut down when stopping.
-            # It never touches redis-py's connection object: disconnect() from another
-            # thread raced with this one and could leave the read blocked on a socket
-            # the connection no longer knew (seen under load: stop() waited out the pop).
-            self._pop_socket = connection._sock  # noqa: SLF001 - see above
-            return cast("bytes | None", connection.read_response())
-        except Exception:
-            # A reply left half read must not reach the next call. When stop() cut the
-            # pop short (the watcher shut the socket under it, whatever error that shows
-            # as), a task it may have taken is given back with the rest at release.
-            connection.disconnect()
-            if self._stopping.is_set():
-                return None
-            raise
-        finally:
-            self._pop_socket = None
-            pool.release(connection)
-
-    def _orphans(self, scripts: Scripts, free: int) -> list[Delivery]:
-        """Up to ``free`` tasks of our in-flight list that no thread runs: taken by a call
-        whose reply was lost. Clears the resync flag once none are left over."""
-        if self._client is None:  # pragma: no cover - set by connect
-            return []
-        if not self._slots.taking.acquire(timeout=self.settings.stop_poll_slice):
-            return []  # the recorder is mid-call; look again on the next turn
-        try:
-            present = cast("list[bytes]", self._client.lrange(self.inflight, 0, -1))
-            missing = self._slots.missing(present)
-        finally:
-            self._slots.taking.release()
-        if len(missing) <= free:
-            self._resync.clear()
-        return [scripts.took(stored) for stored in missing[:free]]
 
     def _wait_for_slot(self) -> None:
         if self._slots.wait_free(self.settings.stop_poll_slice):
@@ -604,26 +500,3 @@ class TaskConsumer:
                 self.worker_id,
                 extra=self._extra(),
             )
-
-
-def _pop_timeout(client: Client, poll_timeout: float) -> float:
-    """How long a blocking pop may wait on an injected client: QUEUE_POLL_TIMEOUT, cut to
-    leave BLOCKING_MARGIN under the client's socket timeout."""
-    socket_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
-    if socket_timeout is None:
-        return poll_timeout
-    wait = min(poll_timeout, float(socket_timeout) - BLOCKING_MARGIN)
-    if wait <= 0:
-        raise QueueError(
-            f"the given client's socket timeout ({socket_timeout}s) leaves no room for a"
-            f" blocking pop: it must exceed BLOCKING_MARGIN ({BLOCKING_MARGIN}s)"
-        )
-    return wait
-
-
-def _as_transient(exc: Exception) -> Exception:
-    """``exc`` as an error the reconnect loop waits after: out of memory is waited out
-    like an outage (the fetch is a write that Redis refuses whole)."""
-    if isinstance(translate(exc), QueueOutOfMemoryError):
-        return redis.ConnectionError(f"Redis out of memory: {exc}")
-    return exc

@@ -27,7 +27,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
@@ -39,10 +38,10 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from semibot_queue import constants as c
 from semibot_queue.backoff import exponential_delay
-from semibot_queue.consumer import signals_to_main_thread
 from semibot_queue.errors import SettingsError
 from semibot_queue.producer import default_redis_url
 from semibot_queue.settings import QueueSettings
+from semibot_queue.signals import install_handlers, restore_handlers, signals_to_main_thread
 from semibot_queue.worker_process import (
     EXIT_CONFIGURATION,
     EXIT_FAILED,
@@ -163,7 +162,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Start the worker processes and watch them until stopped; the exit status."""
-        previous = self._install_signal_handlers()
+        previous = install_handlers(self._on_signal)  # off the main thread: stop() only
         try:
             status = self._open_metrics()
             return self._watch() if status is None else status
@@ -175,8 +174,7 @@ class Supervisor:
                 self._stop_children()
             finally:
                 self._close_metrics()
-                for signum, handler in previous.items():
-                    signal.signal(signum, handler)
+                restore_handlers(previous)
 
     def _watch(self) -> int:
         for child in self._children:
@@ -292,11 +290,6 @@ class Supervisor:
             self._server.server_close()
         if self._metrics_dir is not None:
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
-
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        if threading.current_thread() is not threading.main_thread():
-            return {}  # only the main thread may handle signals: stop() is the way in
-        return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._signals.append(signum)  # only recorded: the main loop forwards it

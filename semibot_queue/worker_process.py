@@ -10,9 +10,10 @@ from typing import Any
 
 from prometheus_client import REGISTRY, start_http_server
 
-from semibot_queue.consumer import TaskConsumer, signals_to_main_thread
+from semibot_queue.consumer import TaskConsumer
 from semibot_queue.errors import QueueConfigurationError, QueueConnectionError, QueueError
 from semibot_queue.settings import QueueSettings
+from semibot_queue.signals import signals_to_main_thread
 
 log = logging.getLogger("semibot_queue.worker")
 
