@@ -37,6 +37,7 @@ from semibot_queue.connection import Client, check_client, is_configuration_erro
 from semibot_queue.constants import DEFAULT_QUEUE_NAME
 from semibot_queue.errors import QueueConfigurationError
 from semibot_queue.settings import QueueSettings
+from semibot_queue.tls import ProbingSSLConnection
 
 Address = tuple[str, int]
 
@@ -143,7 +144,7 @@ class RoutedConnection(Routed, Connection):
     """A TCP connection to the router's node."""
 
 
-class RoutedSSLConnection(Routed, SSLConnection):
+class RoutedSSLConnection(Routed, ProbingSSLConnection):
     """A TLS connection to the router's node."""
 
 
@@ -306,6 +307,10 @@ def make_client(
     }
     if is_distributed(url):
         pool = distributed_pool(url, queue, **options)
+    elif url[:9].lower() == "rediss://":
+        pool = redis.BlockingConnectionPool.from_url(
+            url, connection_class=ProbingSSLConnection, **options
+        )
     else:
         pool = redis.BlockingConnectionPool.from_url(url, **options)
     client: Client = redis.Redis(connection_pool=pool)

@@ -95,6 +95,10 @@ MIN_REPLICAS_TO_ACK = 0
 #: Seconds a write waits for MIN_REPLICAS_TO_ACK replicas before it counts as failed.
 REPLICA_ACK_TIMEOUT = 1.0
 
+#: Seconds a probe connection waits for a TLS server's alert after a new TLS link failed
+#: with an EOF (a refused client certificate looks like that under TLS 1.3).
+TLS_PROBE_TIMEOUT = 1.0
+
 #: MOVED or ASK replies one script call follows before it reports the error (a cluster
 #: whose slot map keeps changing); each says the script did not run.
 CLUSTER_REDIRECTS = 5
