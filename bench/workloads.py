@@ -121,40 +121,41 @@ def throughput_two_processes(ctx: Context, spec: SystemSpec) -> dict[str, float]
     if not spec.processes:
         return {}
     count = ctx.config.noop_tasks
-    ctx.admin.flushall()
-    producer = spec.make_producer(ctx.redis_url, ctx.config)
-    try:
-        for _ in range(count):
-            producer.enqueue("noop", count)
-        with _worker(ctx, spec, "noop-2-processes", processes=2) as worker:
-            first, last = _wait_counted(ctx, worker, STARTUP_TIMEOUT_S + count * 0.02)
-    finally:
-        producer.close()
-        ctx.admin.flushall()
+    first, last, _ = _drain(ctx, spec, "noop", count, count * 0.02, processes=2)
     return {"noop_p2_per_s": count / (last - first)}
 
 
 def sleep_bound(ctx: Context, spec: SystemSpec) -> dict[str, float]:
     """Sleep-bound: N tasks of ``sleep_seconds`` each, timed like the no-op drain."""
     count = ctx.config.sleep_tasks
-    ctx.admin.flushall()
-    producer = spec.make_producer(ctx.redis_url, ctx.config)
-    try:
-        for _ in range(count):
-            producer.enqueue("sleep", count)
-        with _worker(ctx, spec, "sleep") as worker:
-            timeout = STARTUP_TIMEOUT_S + count * ctx.config.sleep_seconds * 3
-            first, last = _wait_counted(ctx, worker, timeout)
-            rss = _rss(worker)
-    finally:
-        producer.close()
-        ctx.admin.flushall()
+    timeout = count * ctx.config.sleep_seconds * 3
+    first, last, rss = _drain(ctx, spec, "sleep", count, timeout)
     elapsed = last - first
     return {
         "sleep_s": elapsed,
         "sleep_vs_ideal": elapsed / ctx.config.sleep_ideal_s,
         "rss_mib": rss,
     }
+
+
+def _drain(
+    ctx: Context, spec: SystemSpec, kind: str, count: int, timeout: float, processes: int = 1
+) -> tuple[float, float, float]:
+    """Enqueue ``count`` tasks of ``kind``, then time a worker draining them: the first and
+    last task's stamps and the worker's peak RSS."""
+    ctx.admin.flushall()
+    producer = spec.make_producer(ctx.redis_url, ctx.config)
+    try:
+        for _ in range(count):
+            producer.enqueue(kind, count)
+        label = kind if processes == 1 else f"{kind}-{processes}-processes"
+        with _worker(ctx, spec, label, processes=processes) as worker:
+            first, last = _wait_counted(ctx, worker, STARTUP_TIMEOUT_S + timeout)
+            rss = _rss(worker)
+    finally:
+        producer.close()
+        ctx.admin.flushall()
+    return first, last, rss
 
 
 def _stamp_once(producer: Producer, worker: WorkerProcess, timeout: float) -> tuple[float, float]:
