@@ -25,6 +25,7 @@ import attrs
 import cattrs
 
 from semibot_queue.constants import CANCELLED_ERROR, MAX_NAME_LENGTH
+from semibot_queue.converters import describe, fields_of, strict_converter
 from semibot_queue.error_text import describe_error, format_traceback
 from semibot_queue.errors import InvalidTaskError
 from semibot_queue.json_values import (
@@ -135,8 +136,8 @@ class Codec:
 
     def __init__(self, max_payload_bytes: int) -> None:
         self._max_payload_bytes = max_payload_bytes
-        self._converter = _strict_converter(forbid_extra_keys=False)
-        self._closed = _strict_converter(forbid_extra_keys=True)
+        self._converter = strict_converter(forbid_extra_keys=False)
+        self._closed = strict_converter(forbid_extra_keys=True)
         #: A payload's fields with their validators, run on the copy a new task writes.
         self._payload_checks = [
             (field.name, field.validator, field)
@@ -360,7 +361,7 @@ class Codec:
         try:
             return (converter or self._converter).structure(data, cls)
         except cattrs.ClassValidationError as exc:
-            messages = cattrs.transform_error(exc, path=cls.__name__, format_exception=_describe)
+            messages = cattrs.transform_error(exc, path=cls.__name__, format_exception=describe)
             details = "; ".join(messages)
             raise InvalidTaskError(details) from None
 
@@ -383,57 +384,3 @@ def _fields(instance: Any) -> dict[str, Any]:
 def _shown_id(result: TaskResult) -> str:
     task_id = result.task_id
     return str.__str__(task_id)[:MAX_NAME_LENGTH] if isinstance(task_id, str) else "?"
-
-
-def _strict_converter(*, forbid_extra_keys: bool) -> cattrs.Converter:
-    """A converter that never coerces: ``5`` is not a session id, ``"x"`` is not a list.
-
-    Containers pass through unchanged; the models' own validators check their items
-    and name the offending index.
-    """
-    converter = cattrs.Converter(forbid_extra_keys=forbid_extra_keys)
-
-    def exact(kind: type[Any], label: str) -> Any:
-        def hook(value: Any, _: Any) -> Any:
-            if isinstance(value, bool) or not isinstance(value, kind):
-                raise TypeError(f"expected {label}, got {type(value).__name__}")
-            return value
-
-        return hook
-
-    def number(value: Any, _: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"expected a number, got {type(value).__name__}")
-        return float(value)
-
-    converter.register_structure_hook(str, exact(str, "a string"))
-    converter.register_structure_hook(int, exact(int, "a whole number"))
-    converter.register_structure_hook(float, number)
-    converter.register_structure_hook_func(
-        lambda kind: kind == list[dict[str, str]], exact(list, "a list")
-    )
-    converter.register_structure_hook_func(
-        lambda kind: kind in (dict[str, Any], dict[str, Any] | None), _mapping_or_none
-    )
-    return converter
-
-
-def _describe(exc: BaseException, _: Any) -> str:
-    if isinstance(exc, KeyError):
-        return "required field missing"
-    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
-        return "unknown key " + ", ".join(repr(key) for key in sorted(exc.extra_fields))
-    return str(exc) or type(exc).__name__
-
-
-def _mapping_or_none(value: Any, kind: Any) -> Any:
-    if value is None and kind != dict[str, Any]:
-        return None
-    if not isinstance(value, dict):
-        raise TypeError(f"expected a JSON object, got {type(value).__name__}")
-    return value
-
-
-def fields_of(cls: type[Any]) -> list[str]:
-    """Names of a model's fields, in order (for tables and documentation)."""
-    return [field.name for field in attrs.fields(cls) if field.init]
