@@ -222,6 +222,10 @@ def _payload(args: argparse.Namespace, codec: Codec) -> Any:
             data = json.loads(text)
         except ValueError as exc:
             raise CommandError(f"{args.json} is not valid JSON: {exc}", Exit.INVALID) from exc
+        except RecursionError:
+            raise CommandError(
+                f"{args.json} nests JSON deeper than the parser can follow", Exit.INVALID
+            ) from None
         return codec.payload_from_dict(data)
     messages = []
     for item in args.message:

@@ -164,6 +164,29 @@ def _hosts(netloc: str, url: str) -> list[Address]:
     return hosts
 
 
+def check_url(url: str) -> None:
+    """Raise QueueConfigurationError, naming what is wrong (password masked), unless the
+    clients can use ``url``; nothing is connected."""
+    if is_distributed(url):
+        parse_distributed_url(url)
+        return
+    if url.partition("://")[0].lower() not in ("redis", "rediss", "unix"):
+        raise QueueConfigurationError(
+            f"{mask_url(url)}: not a Redis URL (redis://, rediss://, unix://,"
+            " redis+cluster://, redis+sentinel://, or their rediss+ forms)"
+        )
+    try:
+        _PARSE_URL(url)
+    except ValueError as exc:
+        raise QueueConfigurationError(f"{mask_url(url)}: {exc}") from None
+    parts = urlsplit(url)
+    database = parts.path.strip("/")
+    if parts.scheme.lower() in ("redis", "rediss") and database and not database.isdigit():
+        raise QueueConfigurationError(
+            f"{mask_url(url)}: {parts.path!r} is not a database number (redis://host:port/0)"
+        )
+
+
 def parse_distributed_url(url: str) -> tuple[str, list[Address], str, dict[str, Any]]:
     """``(engine, hosts, master_name, connection options)`` of a cluster or Sentinel URL.
 
@@ -305,6 +328,7 @@ def make_client(
         "health_check_interval": 0,
         "retry": Retry(NoBackoff(), 0),
     }
+    check_url(url)
     if is_distributed(url):
         pool = distributed_pool(url, queue, **options)
     elif url[:9].lower() == "rediss://":

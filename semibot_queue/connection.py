@@ -244,6 +244,15 @@ def check_client(client: Client) -> Client:
     )
 
 
+def oom_as_outage(exc: Exception) -> Exception:
+    """``exc`` as an error the reconnect loop waits after when it is Redis out of memory:
+    for a worker's own writes (register, fetch), out of memory is waited out like an
+    outage (a write Redis refuses whole), not a reason to exit."""
+    if isinstance(translate(exc), QueueOutOfMemoryError):
+        return redis.ConnectionError(f"Redis out of memory: {exc}")
+    return exc
+
+
 # --- the reconnect loop -------------------------------------------------------------------
 
 
@@ -315,8 +324,16 @@ class Reconnector:
             self._on_retry()
         self._stop.wait(wait)
 
-    def call(self, what: str, fn: Callable[[], T], task_id: str | None = None) -> T:
-        """``fn()``, retried on transient errors up to MAX_RECONNECT_ATTEMPTS in a row.
+    def call(
+        self,
+        what: str,
+        fn: Callable[[], T],
+        task_id: str | None = None,
+        *,
+        oom_is_outage: bool = False,
+    ) -> T:
+        """``fn()``, retried on transient errors up to MAX_RECONNECT_ATTEMPTS in a row
+        (and on out of memory too with ``oom_is_outage``).
 
         Any other redis-py error is raised at once as its QueueError (:func:`translate`).
         """
@@ -326,4 +343,6 @@ class Reconnector:
                 return fn()
             except REDIS_ERRORS as exc:
                 failures += 1
-                self.wait_after(exc, what, failures, task_id)
+                self.wait_after(
+                    oom_as_outage(exc) if oom_is_outage else exc, what, failures, task_id
+                )

@@ -73,6 +73,9 @@ MAX_RECONNECT_ATTEMPTS = 10
 #: Consecutive connection failures after which a one-shot command (not a worker) gives up.
 CLI_RECONNECT_ATTEMPTS = 3
 
+#: Largest ``--limit`` or ``--offset`` the CLI takes: their sum must stay a Redis integer.
+MAX_RANGE = 2**62
+
 #: Seconds a connection may wait for a reply (blocking calls stay below it).
 SOCKET_TIMEOUT = 5.0
 

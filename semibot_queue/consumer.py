@@ -121,6 +121,9 @@ class TaskConsumer:
         self._resync = threading.Event()
         self._finished = threading.Event()
         self._finished.set()
+        #: Set while start() runs (by it, or by a with block), under _start_lock.
+        self._running = False
+        self._start_lock = threading.Lock()
         self._grace = self.settings.shutdown_timeout
         self._slots = Slots(self.max_concurrent)
         self._last_busy_warning = 0.0
@@ -201,7 +204,24 @@ class TaskConsumer:
 
     def start(self) -> None:
         """Run until stopped. Raises QueueConnectionError if Redis stays unreachable, and
-        QueueError when the worker cannot go on (its tasks are then recovered)."""
+        QueueError when the worker cannot go on (its tasks are then recovered), or when
+        this consumer already runs (one ``start()`` at a time)."""
+        self._claim()
+        try:
+            self._serve()
+        finally:
+            self._running = False
+
+    def _claim(self) -> None:
+        with self._start_lock:
+            if self._running:
+                raise QueueError(
+                    f"worker {self.worker_id} is already running: start() (or a with block)"
+                    " was called while it runs; stop() and join() it first"
+                )
+            self._running = True
+
+    def _serve(self) -> None:
         self.connect()
         if self._client is None or self._scripts is None or self._pop is None:  # pragma: no cover
             raise QueueError("consumer failed to connect")
@@ -271,7 +291,7 @@ class TaskConsumer:
             running=decider.running_now,
         )
         try:
-            self._reconnect.call("register", watcher.beat)
+            self._reconnect.call("register", watcher.beat, oom_is_outage=True)
             with signals_to_main_thread(bool(previous)):
                 recorder.start()  # before the watcher, which checks that it runs
                 limiter.start()
@@ -314,6 +334,7 @@ class TaskConsumer:
                     executor.shutdown(wait=False)
                     restore_handlers(previous)
                     self._stopping.clear()
+                    self._running = False  # before join() returns: start() may follow
                     self._finished.set()
                     log.info(
                         "queue %s: worker %s stopped",
@@ -337,7 +358,12 @@ class TaskConsumer:
         return self._finished.wait(timeout)
 
     def __enter__(self) -> TaskConsumer:
-        self.connect()
+        self._claim()
+        try:
+            self.connect()
+        except BaseException:
+            self._running = False
+            raise
         self._finished.clear()
         self._background = threading.Thread(
             target=self._run_in_background, name=f"semibot-queue-main-{self.worker_id}"
@@ -347,10 +373,11 @@ class TaskConsumer:
 
     def _run_in_background(self) -> None:
         try:
-            self.start()
+            self._serve()
         except QueueError:
             log.exception("queue %s: worker %s failed", self.keys.queue, self.worker_id)
         finally:
+            self._running = False
             self._finished.set()
 
     def __exit__(

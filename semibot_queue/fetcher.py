@@ -15,11 +15,10 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import attrs
-import redis
 
-from semibot_queue.connection import REDIS_ERRORS, Client, Reconnector, translate
+from semibot_queue.connection import REDIS_ERRORS, Client, Reconnector, oom_as_outage, translate
 from semibot_queue.constants import BLOCKING_MARGIN
-from semibot_queue.errors import QueueError, QueueOutOfMemoryError
+from semibot_queue.errors import QueueError
 from semibot_queue.outcomes import Delivery
 from semibot_queue.recorder import Fatal, repeatable
 from semibot_queue.scripts import Scripts
@@ -137,7 +136,7 @@ class Fetcher:
                 if not repeatable(exc):
                     raise translate(exc, "fetch", url=self.redis_url) from exc
                 # Raises QueueConnectionError once out of attempts.
-                self.reconnect.wait_after(_as_transient(exc), "fetch", failures)
+                self.reconnect.wait_after(oom_as_outage(exc), "fetch", failures)
                 continue
             finally:
                 self.slots.fill(free, [d.stored for d in batch])
@@ -167,11 +166,3 @@ class Fetcher:
         if len(missing) <= free:
             self.resync.clear()
         return [self.scripts.took(stored) for stored in missing[:free]]
-
-
-def _as_transient(exc: Exception) -> Exception:
-    """``exc`` as an error the reconnect loop waits after: out of memory is waited out
-    like an outage (the fetch is a write that Redis refuses whole)."""
-    if isinstance(translate(exc), QueueOutOfMemoryError):
-        return redis.ConnectionError(f"Redis out of memory: {exc}")
-    return exc

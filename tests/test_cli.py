@@ -286,6 +286,19 @@ class TestEnqueue:
         assert "unknown key 'priorty'" in error_line(capsys.readouterr().err)
         assert pending(redis_client) == []
 
+    # Found by a black-box review: a payload nested past the JSON parser's recursion limit
+    # printed a RecursionError traceback (exit 1).
+    def test_json_nested_past_the_parser_exits_5_with_one_line(
+        self, redis_url, redis_client, tmp_path, capsys
+    ):
+        path = tmp_path / "deep.json"
+        path.write_text("[" * 100_000 + "]" * 100_000)
+        status, out = cli("--redis-url", redis_url, "enqueue", "--json", str(path))
+        assert status == Exit.INVALID
+        assert out == ""
+        assert "deeper than the parser can follow" in error_line(capsys.readouterr().err)
+        assert pending(redis_client) == []
+
     def test_missing_file_exits_5(self, redis_url, tmp_path, capsys):
         missing = tmp_path / "nowhere.json"
         status, _ = cli("--redis-url", redis_url, "enqueue", "--json", str(missing))
@@ -1152,6 +1165,9 @@ BAD_VALUES = [
     (["dlq", "list", "--limit", "1.5", *U], "--limit"),
     (["dlq", "list", "--offset", "-1", *U], "--offset"),
     (["dlq", "list", "--offset", "first", *U], "--offset"),
+    # a number Redis would refuse as out of range (found by a black-box review: exit 1)
+    (["dlq", "list", "--limit", "99999999999999999999", *U], "--limit"),
+    (["dlq", "list", "--offset", "99999999999999999999", *U], "--offset"),
     (["dlq", "show", "", *U], "ID"),
     (["dlq", "retry", " ", *U], "ID"),
     (["dlq", "delete", "", "--yes", *U], "ID"),
@@ -1170,6 +1186,9 @@ BAD_VALUES = [
     (["stats", "--redis-url", "http://127.0.0.1:1/0"], "--redis-url"),
     (["dlq", "list", "--redis-url", "redis://127.0.0.1:port/0"], "--redis-url"),
     (["stats", "--redis-url", "redis://127.0.0.1:1/0?socket_timeout=soon"], "--redis-url"),
+    (["stats", "--redis-url", "redis://127.0.0.1:1/notadb"], "--redis-url"),  # was db 0
+    (["stats", "--redis-url", "redis+cluster://127.0.0.1"], "--redis-url"),
+    (["stats", "--redis-url", "redis+sentinel://127.0.0.1:1"], "--redis-url"),
     (["--log-level", "LOUD", "stats", *U], "--log-level"),
     (["stats", "--log-level", "LOUD", *U], "--log-level"),
     (["worker", "cli_handlers:echo", "--log-format", "xml", *U], "--log-format"),
@@ -1226,8 +1245,8 @@ class TestUsageErrors:
     def test_the_line_points_to_the_commands_help(self, capsys):
         assert cli("dlq", "list", "--limit", "-1")[0] == Exit.USAGE
         assert error_line(capsys.readouterr().err) == (
-            "semibot-queue: error: argument --limit: must be a whole number >= 0, got '-1'"
-            " (see 'semibot-queue dlq list --help')"
+            "semibot-queue: error: argument --limit: must be a whole number from 0 to"
+            " 4611686018427387904, got '-1' (see 'semibot-queue dlq list --help')"
         )
 
     def test_a_password_in_a_refused_url_is_masked(self, capsys):

@@ -321,6 +321,32 @@ class TestParseDistributedUrl:
         assert "s3cret" not in message, f"password shown: {message!r}"
         assert "queue:***@" in message, f"URL not named with its password masked: {message!r}"
 
+    # Found by a black-box review: redis-py's ValueError reached the caller of the Python
+    # API, and a database that is not a number was taken for db 0.
+    @pytest.mark.parametrize(
+        ("url", "why"),
+        [
+            ("http://queue:s3cret@h1:6379/0", "not a Redis URL"),
+            ("redis://queue:s3cret@h1:99999/0", "Port out of range"),
+            ("redis://queue:s3cret@h1:abc/0", "Port could not be cast"),
+            ("redis://queue:s3cret@h1:6379/notadb", "'/notadb' is not a database number"),
+            ("redis://queue:s3cret@h1:6379/0?socket_timeout=abc", "socket_timeout"),
+            ("redis+cluster://queue:s3cret@h1", "'h1' is not host:port"),
+        ],
+    )
+    def test_every_client_refuses_a_bad_url_with_a_queue_error(self, url, why):
+        makers = [
+            lambda: TaskProducer(url, "q", registry=CollectorRegistry()).connect(),
+            lambda: TaskConsumer(url, "q", print, 1, registry=CollectorRegistry()).connect(),
+            lambda: DeadLetterQueue(url, "q"),
+        ]
+        for make in makers:
+            with pytest.raises(QueueConfigurationError) as caught:
+                make()
+            message = str(caught.value)
+            assert why in message, f"{why!r} not in {message!r}"
+            assert "s3cret" not in message, f"password shown: {message!r}"
+
     def test_cli_refuses_a_malformed_cluster_url_as_a_usage_error(self):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(

@@ -340,6 +340,31 @@ class TestConnectionFailures:
         assert isinstance(handle.error, QueueConnectionError)
         assert "3 attempts" in str(handle.error)
 
+    # Found by a black-box review: out of memory at start (the registration) ended the
+    # worker at once with exit 1, though a running worker waits it out like an outage.
+    def test_a_worker_started_while_redis_is_out_of_memory_waits_then_runs(
+        self, tmp_path, caplog
+    ):
+        settings = attrs.evolve(FAST, max_reconnect_attempts=1000)
+        with RedisServer(tmp_path / "r") as server, server.client() as admin:
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", "1")
+            seen: list[str] = []
+            handle = Running(consumer_for(server.url, seen.append, settings=settings))
+            handle.thread.start()
+            try:
+                wait_until(
+                    lambda: "out of memory" in caplog.text and "register" in caplog.text,
+                    what="a registration refused for want of memory, and retried",
+                )
+                assert handle.thread.is_alive(), f"the worker ended: {handle.error!r}"
+                admin.config_set("maxmemory", "0")
+                ids = enqueue(server.url, 1)
+                wait_until(lambda: len(results(admin, ids)) == 1, what="the task's result")
+            finally:
+                handle.stop()
+        assert handle.error is None
+
     def test_a_task_moved_before_a_lost_reply_is_still_run(
         self, redis_url, redis_client, monkeypatch
     ):

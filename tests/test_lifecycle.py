@@ -9,9 +9,10 @@ import threading
 import time
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
-from semibot_queue import TaskConsumer, TaskMessage, TaskProducer
+from semibot_queue import QueueError, TaskConsumer, TaskMessage, TaskProducer
 from semibot_queue.keys import KeySpace
 from support import FAST, Running, payload, wait_until
 
@@ -139,3 +140,33 @@ class TestSignalHandlers:
             assert signal.getsignal(signal.SIGTERM) is mine
         finally:
             signal.signal(signal.SIGTERM, previous)
+
+
+class TestOneStartAtATime:
+    """Found by a black-box review: a second start() shared the first run's state, and a
+    stop() then ended one of them while join() said the worker had stopped."""
+
+    def test_a_second_start_while_running_is_refused_and_stop_ends_the_worker(
+        self, redis_url: str, redis_client: Any
+    ) -> None:
+        ran: list[str] = []
+        consumer = consumer_for(redis_url, lambda message: ran.append(message.task_id))
+        handle = Running(consumer)
+        handle.thread.start()
+        wait_until(lambda: redis_client.zscore(KEYS.workers, consumer.worker_id), 10.0)
+        with pytest.raises(QueueError, match="already running"):
+            consumer.start()
+        with pytest.raises(QueueError, match="already running"):
+            consumer.__enter__()
+        consumer.stop()
+        assert consumer.join(10) is True
+        handle.thread.join(5)
+        assert not handle.thread.is_alive(), "start() still runs after stop() and join()"
+        assert handle.error is None
+        with TaskProducer(redis_url, "q", FAST, registry=CollectorRegistry()) as producer:
+            task_id = producer.enqueue(payload(0))
+            assert producer.status(task_id) == "pending"
+        assert ran == []
+        # once stopped, it may start again
+        with consumer:
+            wait_until(lambda: ran == [task_id], 10.0, "the task, after a restart")
