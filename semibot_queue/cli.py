@@ -40,6 +40,7 @@ from semibot_queue.connection import (
 from semibot_queue.constants import CLI_RECONNECT_ATTEMPTS, ENV_PREFIX
 from semibot_queue.dead_letter import DeadLetterQueue
 from semibot_queue.errors import (
+    DuplicateTaskError,
     InvalidTaskError,
     QueueConfigurationError,
     QueueConnectionError,
@@ -111,6 +112,7 @@ _STATUSES: tuple[tuple[type[QueueError], Exit], ...] = (
     (QueueConnectionError, Exit.UNREACHABLE),
     (QueueFullError, Exit.FULL),
     (InvalidTaskError, Exit.INVALID),
+    (DuplicateTaskError, Exit.INVALID),  # an id still live is refused input too
 )
 
 

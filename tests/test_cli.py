@@ -299,6 +299,16 @@ class TestEnqueue:
         assert "deeper than the parser can follow" in error_line(capsys.readouterr().err)
         assert pending(redis_client) == []
 
+    def test_a_task_id_still_live_exits_5_and_writes_nothing_more(
+        self, redis_url, redis_client, monkeypatch, capsys
+    ):
+        for expected in (Exit.OK, Exit.INVALID):
+            monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(PAYLOAD)))
+            status, _ = cli("--redis-url", redis_url, "enqueue", "--json", "-")
+            assert status == expected
+        assert "task-from-json" in error_line(capsys.readouterr().err)
+        assert [t["task_id"] for t in pending(redis_client)] == ["task-from-json"]
+
     def test_missing_file_exits_5(self, redis_url, tmp_path, capsys):
         missing = tmp_path / "nowhere.json"
         status, _ = cli("--redis-url", redis_url, "enqueue", "--json", str(missing))
