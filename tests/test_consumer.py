@@ -342,9 +342,7 @@ class TestConnectionFailures:
 
     # Found by a black-box review: out of memory at start (the registration) ended the
     # worker at once with exit 1, though a running worker waits it out like an outage.
-    def test_a_worker_started_while_redis_is_out_of_memory_waits_then_runs(
-        self, tmp_path, caplog
-    ):
+    def test_a_worker_started_while_redis_is_out_of_memory_waits_then_runs(self, tmp_path, caplog):
         settings = attrs.evolve(FAST, max_reconnect_attempts=1000)
         with RedisServer(tmp_path / "r") as server, server.client() as admin:
             admin.config_set("maxmemory-policy", "noeviction")
