@@ -79,7 +79,10 @@ class TestTimeLimiter:
             limiter.stop()
         assert total > 0
 
-    # before the cleanup was made safe, 2 of 3 runs of 3 x 3000 blocks deadlocked here
+    # before the cleanup was made safe, 2 of 3 runs of 3 x 3000 blocks deadlocked here.
+    # untraced: under coverage an exception landing "anywhere" also lands in the tracer's
+    # own Python code, once (CI, py310) inside its data lock, which then blocks every thread
+    @pytest.mark.untraced
     @pytest.mark.timeout(120)
     def test_blocks_ending_around_their_limit_never_leak_the_exception_or_an_entry(
         self,
