@@ -236,6 +236,15 @@ class RedisCluster(_Engine):
                 return port
         raise EngineError(f"slot {slot} is not assigned to any node")
 
+    def moved_to(self, port: int, key: str) -> int | None:
+        """The port a GET of ``key`` on the node at ``port`` is MOVED to, or None if served."""
+        with self.node_client(port) as client:
+            try:
+                client.get(key)
+            except redis.exceptions.MovedError as error:
+                return int(error.port)
+        return None
+
     def migrate_slot(
         self,
         slot: int,

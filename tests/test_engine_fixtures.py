@@ -17,16 +17,6 @@ from engines import RedisCluster, SentinelGroup, TlsRedis
 SAMPLE_KEYS = ["agent:tasks", "{agent:tasks}:processing", "a", "b", "c", "user:1", "x" * 40]
 
 
-def _moved_to(cluster: RedisCluster, port: int, key: str) -> int | None:
-    """The port a GET of ``key`` on the node at ``port`` is MOVED to, or None if served."""
-    with cluster.node_client(port) as client:
-        try:
-            client.get(key)
-        except redis.exceptions.MovedError as error:
-            return int(error.port)
-    return None
-
-
 def test_single_node_cluster_serves_every_slot(cluster1: RedisCluster) -> None:
     (port,) = cluster1.ports
     assert cluster1.url == f"redis+cluster://127.0.0.1:{port}"
@@ -51,7 +41,7 @@ def test_three_node_cluster_routes_each_key_to_its_owner(cluster3: RedisCluster)
         for port in cluster3.ports:
             with cluster3.node_client(port) as client:
                 assert client.execute_command("CLUSTER", "KEYSLOT", key) == slot
-            assert _moved_to(cluster3, port, key) == (None if port == owner else owner)
+            assert cluster3.moved_to(port, key) == (None if port == owner else owner)
     assert cluster3.slot_of("agent:tasks") == cluster3.slot_of("{agent:tasks}:results")
 
 
@@ -77,7 +67,7 @@ def test_migrate_slot_moves_every_key_to_the_new_owner(cluster3: RedisCluster) -
     assert split_counts == [(50 - n, n) for n in range(10, 51, 10)]
     assert cluster3.owner_port(slot) == target
     for port in cluster3.ports:  # every node's own map sends the slot's keys to the target
-        assert _moved_to(cluster3, port, keys[0]) == (None if port == target else target)
+        assert cluster3.moved_to(port, keys[0]) == (None if port == target else target)
     with cluster3.node_client(target) as client:
         assert client.mget(keys) == [key.encode() for key in keys]
     with cluster3.node_client(source) as client:

@@ -253,16 +253,6 @@ def other_port(cluster: RedisCluster, slot: int) -> int:
     return next(port for port in cluster.ports if port != owner)
 
 
-def moved_to(cluster: RedisCluster, port: int, key: str) -> int | None:
-    """The port a GET of ``key`` on the node at ``port`` is MOVED to, or None if served."""
-    with cluster.node_client(port) as client:
-        try:
-            client.get(key)
-        except redis.exceptions.MovedError as error:
-            return int(error.port)
-    return None
-
-
 def keys_on(cluster: RedisCluster, port: int) -> set[str]:
     """Every key stored on the node at ``port``."""
     with cluster.node_client(port) as client:
@@ -305,7 +295,7 @@ def test_a_cluster_url_naming_only_a_node_without_the_queue_runs_tasks_end_to_en
     slot = cluster3.slot_of(QUEUE)
     owner = cluster3.owner_port(slot)
     seed = other_port(cluster3, slot)
-    assert moved_to(cluster3, seed, QUEUE) == owner, "the seed must not serve the queue's slot"
+    assert cluster3.moved_to(seed, QUEUE) == owner, "the seed must not serve the queue's slot"
     url = f"redis+cluster://{HOST}:{seed}"
     listener = ResultListener(f"redis://{HOST}:{seed}", KEYS)  # PUBLISH reaches every node
     listener.start()
