@@ -443,18 +443,14 @@ def test_a_slot_migrated_under_load_loses_no_task_and_runs_none_twice(
 # --- 4. adopted clients ---------------------------------------------------------------------
 
 
-def test_a_given_redis_cluster_client_is_adopted_and_reaches_the_queues_master(
-    cluster3: RedisCluster,
-) -> None:
-    slot = cluster3.slot_of(QUEUE)
-    owner = cluster3.owner_port(slot)
-    seed = other_port(cluster3, slot)
-    given = redis.RedisCluster(host=HOST, port=seed)
+def run_through_a_given_client(given: Any, admin: redis.Redis) -> None:
+    """100 tasks through a producer and a consumer both given ``given``, checked on the
+    queue's node through ``admin``; they leave ``given`` open, and it is closed here."""
     runs = Runs()
     try:
         with (
             TaskProducer(queue_name=QUEUE, client=given) as producer,
-            cluster3.node_client(owner) as admin,
+            admin,
             running_consumer(None, QUEUE, runs, admin, concurrency=2, client=given),
         ):
             ids = [producer.enqueue(payload(n)) for n in range(100)]
@@ -466,6 +462,15 @@ def test_a_given_redis_cluster_client_is_adopted_and_reaches_the_queues_master(
     finally:
         given.close()
     assert_ran_once_and_succeeded(outcomes, runs, ids)
+
+
+def test_a_given_redis_cluster_client_is_adopted_and_reaches_the_queues_master(
+    cluster3: RedisCluster,
+) -> None:
+    slot = cluster3.slot_of(QUEUE)
+    owner = cluster3.owner_port(slot)
+    given = redis.RedisCluster(host=HOST, port=other_port(cluster3, slot))
+    run_through_a_given_client(given, cluster3.node_client(owner))
     assert all(of_queue(key, QUEUE) for key in keys_on(cluster3, owner))
     for port in cluster3.ports:
         if port != owner:
@@ -476,23 +481,7 @@ def test_a_given_sentinel_managed_client_is_adopted_and_reaches_the_master(
     sentinels: SentinelGroup,
 ) -> None:
     given = Sentinel([(HOST, port) for port in sentinels.sentinel_ports]).master_for("semibot")
-    runs = Runs()
-    master = sentinels.master_port()
-    try:
-        with (
-            TaskProducer(queue_name=QUEUE, client=given) as producer,
-            sentinels.data_client(master) as admin,
-            running_consumer(None, QUEUE, runs, admin, concurrency=2, client=given),
-        ):
-            ids = [producer.enqueue(payload(n)) for n in range(100)]
-            result = producer.wait_for_result(ids[-1], timeout=20.0)
-            assert result is not None
-            assert result.status == "succeeded"
-            outcomes = Ledger(admin, KEYS).wait_settled(ids, SETTLE_TIMEOUT_S)
-        assert given.ping(), "the given client belongs to its owner: it stays open"
-    finally:
-        given.close()
-    assert_ran_once_and_succeeded(outcomes, runs, ids)
+    run_through_a_given_client(given, sentinels.data_client(sentinels.master_port()))
 
 
 # --- 5 and 6. a Sentinel failover under load ---------------------------------------------
