@@ -18,7 +18,6 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Final, NoReturn
 
-from semibot_queue.clients import check_url
 from semibot_queue.constants import (
     DEFAULT_QUEUE_NAME,
     DEFAULT_REDIS_URL,
@@ -30,6 +29,7 @@ from semibot_queue.constants import (
 from semibot_queue.demo import DEMO_TASKS
 from semibot_queue.errors import QueueConfigurationError, QueueError
 from semibot_queue.keys import is_valid_name
+from semibot_queue.urls import check_url
 
 #: Levels ``--log-level`` accepts.
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

@@ -45,11 +45,11 @@ from semibot_queue.clients import (
     RoutedSSLConnection,
     distributed_pool,
     make_client,
-    parse_distributed_url,
 )
 from semibot_queue.codec import Codec
 from semibot_queue.keys import KeySpace
 from semibot_queue.script_runner import NotReplicatedError
+from semibot_queue.urls import parse_distributed_url
 from support import FAST, Running, payload, running, wait_until
 
 #: The queue the README's ACL rule line is written for; every test here uses it.
