@@ -22,21 +22,18 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import FrameType, TracebackType
 
-import attrs
-import redis
 from prometheus_client import CollectorRegistry
 
 from semibot_queue.backoff import Random
-from semibot_queue.clients import given_client, make_client
-from semibot_queue.codec import Codec, task_id_of
+from semibot_queue.clients import given_client
+from semibot_queue.codec import Codec
 from semibot_queue.connection import (
-    REDIS_ERRORS,
     Client,
     Reconnector,
 )
-from semibot_queue.constants import BLOCKING_MARGIN
+from semibot_queue.departure import depart
 from semibot_queue.errors import QueueError
-from semibot_queue.fetcher import BlockingPop, Fetcher, pop_timeout
+from semibot_queue.fetcher import Fetcher
 from semibot_queue.keys import KeySpace
 from semibot_queue.limits import TimeLimiter
 from semibot_queue.metrics import Metrics
@@ -49,6 +46,7 @@ from semibot_queue.settings import QueueSettings
 from semibot_queue.signals import install_handlers, restore_handlers, signals_to_main_thread
 from semibot_queue.slots import Slots
 from semibot_queue.watcher import Watcher
+from semibot_queue.worker_links import Links, close_links, open_links
 
 log = logging.getLogger("semibot_queue.consumer")
 
@@ -106,10 +104,7 @@ class TaskConsumer:
             self._given_client, self._owns_given = given_client(
                 client, self.settings, self.keys.queue
             )
-        self._client: Client | None = None
-        self._pop_client: Client | None = None
-        self._pop: BlockingPop | None = None
-        self._scripts: Scripts | None = None
+        self._links: Links | None = None
         self._handle_signals = handle_signals
         self._rand = rand
         self._codec = Codec(self.settings.max_payload_bytes)
@@ -146,56 +141,27 @@ class TaskConsumer:
 
     def connect(self) -> None:
         """Open the connections and check that Redis answers."""
-        if self._client is not None:
-            return
-        s = self.settings
-        client = self._given_client or make_client(self.redis_url, s, queue=self.keys.queue)
-        self._reconnect.call("connect", client.ping)
-        if self._given_client is None:
-            # The blocking pop has a connection of its own whose socket timeout leaves a
-            # margin above QUEUE_POLL_TIMEOUT: a full wait is never taken for a dead link.
-            self._pop_client = make_client(
+        self._connected()
+
+    def _connected(self) -> Links:
+        if self._links is None:
+            self._links = open_links(
                 self.redis_url,
-                attrs.evolve(s, max_connections=1),  # one pop at a time
-                queue=self.keys.queue,
-                socket_timeout=s.queue_poll_timeout + BLOCKING_MARGIN,
+                self.keys,
+                self.inflight,
+                self.settings,
+                given=self._given_client,
+                reconnect=self._reconnect,
+                stopping=self._stopping,
+                extra=self._extra(),
             )
-            wait = s.queue_poll_timeout
-        else:
-            self._pop_client = client
-            wait = pop_timeout(client, s.queue_poll_timeout)
-        self._pop = BlockingPop(
-            self._pop_client, self.keys.pending, self.inflight, wait, self._stopping
-        )
-        self._client = client
-        self._scripts = Scripts(client, self.keys, self.settings)
-        self._warn_if_evicting(client)
+        return self._links
 
     def disconnect(self) -> None:
         """Close the connections (a given client is left to its owner)."""
-        if self._scripts is not None:
-            self._scripts.close()
-        if self._given_client is None or self._owns_given:
-            for client in {self._client, self._pop_client}:
-                if client is not None:
-                    client.close()
-        self._client = None
-        self._pop_client = None
-        self._pop = None
-        self._scripts = None
-
-    def _warn_if_evicting(self, client: Client) -> None:
-        try:
-            policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
-        except redis.RedisError:
-            return  # CONFIG is often disabled on managed Redis; a lost link shows elsewhere
-        if policy not in (None, "noeviction", b"noeviction"):
-            log.warning(
-                "queue %s: Redis maxmemory-policy is %r, not noeviction: Redis may drop tasks",
-                self.keys.queue,
-                policy,
-                extra=self._extra(),
-            )
+        links, self._links = self._links, None
+        if links is not None:
+            close_links(links, close_clients=self._given_client is None or self._owns_given)
 
     def _extra(self, task_id: str | None = None) -> dict[str, str | None]:
         return {"queue": self.keys.queue, "worker_id": self.worker_id, "task_id": task_id}
@@ -222,10 +188,8 @@ class TaskConsumer:
             self._running = True
 
     def _serve(self) -> None:
-        self.connect()
-        if self._client is None or self._scripts is None or self._pop is None:  # pragma: no cover
-            raise QueueError("consumer failed to connect")
-        client, scripts = self._client, self._scripts
+        links = self._connected()
+        client, scripts = links.client, links.scripts
         self._hurry.clear()
         self._give_up.clear()
         self._fatal = Fatal()
@@ -306,7 +270,7 @@ class TaskConsumer:
             Fetcher(
                 client=client,
                 scripts=scripts,
-                pop=self._pop,
+                pop=links.pop,
                 inflight=self.inflight,
                 redis_url=self.redis_url,
                 settings=self.settings,
@@ -429,9 +393,9 @@ class TaskConsumer:
     def _interrupt_pop(self) -> None:
         """Called by the watcher once stopping: end a blocking pop now, not in
         QUEUE_POLL_TIMEOUT. A task it took meanwhile is given back with the others."""
-        pop = self._pop
-        if pop is not None:
-            pop.interrupt()
+        links = self._links
+        if links is not None:
+            links.pop.interrupt()
 
     # --- the fetch loop -------------------------------------------------------------
 
@@ -467,7 +431,7 @@ class TaskConsumer:
 
     def _publish_result(self, delivery: Delivery, result: TaskResult) -> None:
         """Record ``result`` for ``delivery``: stored, published, out of the in-flight list."""
-        if self._scripts is None:
+        if self._links is None:
             raise QueueError("consumer is not connected")
         acks = [
             (
@@ -477,53 +441,19 @@ class TaskConsumer:
                 self.keys.result_channel(result.session_id),
             )
         ]
-        self._scripts.ack(self.inflight, self.settings.result_ttl, acks, 0)
+        self._links.scripts.ack(self.inflight, self.settings.result_ttl, acks, 0)
 
     # --- shutdown ---------------------------------------------------------------------
 
     def _shutdown(self, scripts: Scripts, watcher: Watcher) -> None:
-        if self._fatal.is_set():
-            # Leave everything in flight: recovery counts these deliveries, so a task that
-            # keeps stopping workers ends as poison instead of looping.
-            self._give_up.set()
-            watcher.stop()
-            log.error(
-                "queue %s: worker %s cannot go on; its tasks stay in flight for recovery",
-                self.keys.queue,
-                self.worker_id,
-                extra=self._extra(),
-            )
-            return
-        deadline = time.monotonic() + self._grace
-        unfinished = self._slots.wait_idle(deadline, self._hurry, self.settings.stop_poll_slice)
-        self._give_up.set()
-        watcher.stop()  # its next heartbeat would register the worker again after release
-        self.unfinished = [task_id_of(stored) for stored in unfinished]
-        for task_id in self.unfinished:
-            log.warning(
-                "queue %s: task %s still running at shutdown; given back to pending",
-                self.keys.queue,
-                task_id,
-                extra=self._extra(task_id),
-            )
-        try:
-            left = scripts.release(
-                self.worker_id, self.settings.max_queue_length, self.settings.max_payload_bytes
-            )
-        except (*REDIS_ERRORS, QueueError) as exc:
-            log.error(
-                "queue %s: worker %s could not deregister (%s); its tasks will be recovered",
-                self.keys.queue,
-                self.worker_id,
-                exc,
-                extra=self._extra(),
-            )
-            return
-        if left:
-            log.error(
-                "queue %s: %d task(s) of worker %s did not fit on pending; recovery will move them",
-                self.keys.queue,
-                left,
-                self.worker_id,
-                extra=self._extra(),
-            )
+        self.unfinished = depart(
+            scripts=scripts,
+            watcher=watcher,
+            slots=self._slots,
+            fatal=self._fatal,
+            give_up=self._give_up,
+            hurry=self._hurry,
+            grace=self._grace,
+            settings=self.settings,
+            extra=self._extra(),
+        )
