@@ -354,6 +354,9 @@ class TaskConsumer:
         if self._background is not None:
             self._background.join()
             self._background = None
+        # The run this block started has ended: a stop() that reached it after it ended
+        # (the one above, after a stop() and join() inside the block) is not for the next.
+        self._stopping.clear()
         self.disconnect()
 
     def _on_signal(self, _signum: int, _frame: FrameType | None) -> None:

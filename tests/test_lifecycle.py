@@ -170,3 +170,29 @@ class TestOneStartAtATime:
         # once stopped, it may start again
         with consumer:
             wait_until(lambda: ran == [task_id], 10.0, "the task, after a restart")
+
+
+class TestAStopForAnEndedRun:
+    """Found by a black-box review: ``with c: c.stop(); c.join()`` left the block's own
+    stop() behind, and the same consumer's next run returned at once, taking nothing."""
+
+    def test_the_next_run_after_a_with_block_that_stopped_and_joined_takes_tasks(
+        self, redis_url: str
+    ) -> None:
+        ran: list[str] = []
+        consumer = consumer_for(redis_url, lambda message: ran.append(message.task_id))
+        with consumer:
+            consumer.stop()
+            assert consumer.join(10) is True
+        with TaskProducer(redis_url, "q", FAST, registry=CollectorRegistry()) as producer:
+            first = producer.enqueue(payload(0))
+            handle = Running(consumer)
+            handle.thread.start()
+            assert producer.wait_for_result(first, timeout=10) is not None, "start() took nothing"
+            consumer.stop()
+            handle.thread.join(10)
+            assert handle.error is None
+            second = producer.enqueue(payload(1))
+            with consumer:
+                assert producer.wait_for_result(second, timeout=10) is not None
+        assert ran == [first, second]
