@@ -188,6 +188,7 @@ class TaskConsumer:
             self._running = True
 
     def _serve(self) -> None:
+        self.connect()
         links = self._connected()
         client, scripts = links.client, links.scripts
         self._hurry.clear()

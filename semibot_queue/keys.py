@@ -117,6 +117,12 @@ class KeySpace:
         return f"{self._tag}:scheduled"
 
     @property
+    def voided(self) -> str:
+        """Set of the ids of tasks cancelled while scheduled, whose copy still waits in
+        the scheduled set: not counted against MAX_QUEUE_LENGTH, dropped when due."""
+        return f"{self._tag}:voided"
+
+    @property
     def workers(self) -> str:
         """Sorted set of live workers, scored by their last heartbeat in ms."""
         return f"{self._tag}:workers"

@@ -115,7 +115,7 @@ class Scripts:
         reply) writes nothing.
         """
         k = self._keys
-        keys = [k.pending, k.scheduled, k.state]
+        keys = [k.pending, k.scheduled, k.state, k.voided]
         args: list[Any] = [*limits, token, b"" if delay_ms is None else delay_ms]
         word = "pending " if delay_ms is None else "scheduled "
         for task_id, session_id, task in tasks:
@@ -235,8 +235,10 @@ class Scripts:
 
     def promote(self, batch: int, max_length: int) -> int:
         """Move due retries and delayed tasks to pending, as many as fit; how many moved."""
-        keys = [self._keys.scheduled, self._keys.pending, self._keys.state]
-        return int(self._promote(keys=keys, args=[batch, max_length, MAX_NAME_LENGTH]))
+        k = self._keys
+        keys = [k.scheduled, k.pending, k.state, k.voided, k.cancel, k.crashes, k.releases]
+        args = [batch, max_length, MAX_NAME_LENGTH, k.accepted_prefix]
+        return int(self._promote(keys=keys, args=args))
 
     def heartbeat(self, worker_id: str, *, outage_ms: int, grace_ms: int) -> tuple[int, int, int]:
         """Mark ``worker_id`` alive now: (Redis time in ms, 1 if it was not registered,
@@ -332,6 +334,7 @@ class Scripts:
             mark, state = b"1", f"pending {session_id}"
             marker_key, result_key = k.accepted(task_id), k.result(task_id)
         keys = [*self._dead_keys(), k.pending, marker_key, k.state, result_key, k.scheduled]
+        keys.append(k.voided)
         args = [record_id, seen, task, max_length, marker_ttl, mark, token, task_id, state]
         return int(self._dlq_retry(keys=keys, args=args))
 
@@ -367,7 +370,7 @@ class Scripts:
         while running, 0 not live, -1 its state changed since read (read it again).
         """
         k = self._keys
-        keys = [k.state, k.cancel, k.result(task_id), k.accepted(task_id)]
+        keys = [k.state, k.cancel, k.result(task_id), k.accepted(task_id), k.voided]
         args = [task_id, seen_state, result, ttl, k.result_channel(session_id)]
         return int(self._cancel(keys=keys, args=args))
 

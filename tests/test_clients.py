@@ -601,14 +601,21 @@ class TestTlsAcl:
         ):
             plain = queue.enqueue(payload(11))
             many = queue.enqueue_many([payload(12), payload(13)])
+            # due no later than `later`: dropped by the promotion that moves `later`
+            voided = queue.enqueue(payload(16), delay=0.2)
             later = queue.enqueue(payload(14), delay=0.2)
             doomed = queue.enqueue(payload(15))
             assert queue.status(plain) == "pending"
             assert queue.status(later) == "scheduled"
             assert queue.cancel(doomed) is True, "cancel of a pending task said not live"
+            assert queue.cancel(voided) is True, "cancel of a scheduled task said not live"
             assert queue.status(doomed) == "cancelled"
+            # 4 pending and 2 scheduled, one of them cancelled: a 6th live task fits in 6
+            small = attrs.evolve(FAST, max_queue_length=6, queue_length_warning_threshold=6)
+            with producer(url, small) as full:
+                last = full.enqueue(payload(17))
             assert_allowed(admin)
-            finished = [plain, *many, later]
+            finished = [plain, *many, later, last]
             with running(consumer(url, shout)) as worker:
                 first = queue.wait_for_result(plain, timeout=5)  # waits for it to run
                 wait_until(
@@ -625,7 +632,7 @@ class TestTlsAcl:
         assert first is not None, "no result within 5 s"
         assert (first.status, first.result) == ("succeeded", "QUESTION 11")
         assert [r.result if r else None for r in results] == [
-            f"QUESTION {n}" for n in (11, 12, 13, 14)
+            f"QUESTION {n}" for n in (11, 12, 13, 14, 17)
         ]
         assert cancelled is not None
         assert cancelled.status == "cancelled"

@@ -2230,6 +2230,20 @@ class TestDlqRetry:
         assert redis_client.get(KEYS.accepted("t1")) == b"token-1"
         assert 590 < redis_client.ttl(KEYS.accepted("t1")) <= 600
 
+    def test_scheduled_copies_of_cancelled_tasks_do_not_count_against_the_limit(
+        self, scripts: Scripts, redis_client: redis.Redis[bytes]
+    ) -> None:
+        add_dead(redis_client, "t1#1", 1, None)
+        limits = (3, 600)
+        redis_client.lpush(KEYS.pending, task("a"))
+        redis_client.zadd(KEYS.scheduled, {task("b"): 1, task("c"): 2})
+        before = snapshot(redis_client)
+        assert scripts.dlq_retry("t1#1", self.RECORD, task(1), limits, self.MARKER) == -1
+        assert snapshot(redis_client) == before
+        redis_client.sadd(KEYS.voided, "c")  # c was cancelled while scheduled
+        assert scripts.dlq_retry("t1#1", self.RECORD, task(1), limits, self.MARKER) == 1
+        assert redis_client.lrange(KEYS.pending, 0, -1) == [task(1), task("a")]
+
     def test_the_same_call_repeated_after_a_lost_reply_is_a_no_op_that_reports_success(
         self, scripts: Scripts, redis_client: redis.Redis[bytes]
     ) -> None:

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+import attrs
 import pytest
 import redis
 from prometheus_client import CollectorRegistry
@@ -25,6 +26,7 @@ from semibot_queue import (
     InvalidTaskError,
     PermanentTaskError,
     QueueConnectionError,
+    QueueFullError,
     QueueSettings,
     TaskConsumer,
     TaskMessage,
@@ -240,6 +242,49 @@ class TestCancel:
             wait_until(lambda: not redis_client.hexists(KEYS.cancel, task_id), what="the drop")
             assert redis_client.llen(KEYS.pending) == 0
         assert gate.started == []
+
+    def test_a_cancelled_scheduled_task_no_longer_counts_against_the_queue_length(
+        self, redis_url: str, redis_client: redis.Redis[bytes]
+    ) -> None:
+        # Found by a black-box review: cancelled delayed tasks held their room for an hour.
+        small = attrs.evolve(FAST, max_queue_length=3, queue_length_warning_threshold=3)
+        with TaskProducer(redis_url, "q", small, registry=CollectorRegistry()) as producer:
+            later = [producer.enqueue(payload(n), delay=3600) for n in range(3)]
+            with pytest.raises(QueueFullError):
+                producer.enqueue(payload(3))
+            assert producer.cancel(later[0]) is True
+            assert producer.enqueue(payload(4))  # the cancelled one's room
+            with pytest.raises(QueueFullError):
+                producer.enqueue(payload(5))
+            assert all(producer.cancel(t) for t in later[1:])
+            assert len(producer.enqueue_many([payload(6), payload(7)])) == 2
+        assert redis_client.scard(KEYS.voided) == 3
+
+    def test_a_cancelled_scheduled_task_is_dropped_when_due_and_never_pending_again(
+        self, redis_url: str, redis_client: redis.Redis[bytes]
+    ) -> None:
+        # Found by a black-box review: once due it came back as pending, then running.
+        short = attrs.evolve(FAST, result_ttl=1)
+        with TaskProducer(redis_url, "q", short, registry=CollectorRegistry()) as producer:
+            task = payload(1)
+            producer.enqueue(task, delay=1.5)
+            assert producer.cancel(task.task_id) is True
+            seen: set[str | None] = set()
+            gate = Gate()
+            gate.release.set()
+            consumer = TaskConsumer(redis_url, "q", gate, 2, short, registry=CollectorRegistry())
+            with running(consumer):
+
+                def dropped() -> bool:
+                    seen.add(producer.status(task.task_id))
+                    return not redis_client.exists(KEYS.scheduled, KEYS.accepted(task.task_id))
+
+                wait_until(dropped, 10.0, "the due copy dropped")
+                assert producer.enqueue(task) == task.task_id  # the id is free again
+                assert producer.wait_for_result(task.task_id, timeout=10) is not None
+        assert seen <= {"cancelled", None}, seen
+        assert gate.started == [task.task_id]  # the new task, once
+        assert not redis_client.exists(KEYS.voided, KEYS.cancel)
 
     def test_the_id_of_a_cancelled_task_is_taken_until_a_worker_dropped_it(
         self, redis_url: str, redis_client: redis.Redis[bytes], producer: TaskProducer

@@ -4,16 +4,19 @@
 --   the session in the state it read) is stored and published now, so that its waiters
 --   get it at once; the cancel flag is set and the state goes (cancelled is a final
 --   outcome). The body stays where it is: the worker that takes it later sees the flag
---   and drops it without running it (drop.lua), and only then deletes the idempotency
---   marker, which meanwhile holds 'cancelled' without expiry: the id stays taken while a
---   copy that must never run still waits (a new task of that id would be dropped instead,
---   or that copy would run).
+--   and drops it without running it (drop.lua), or, for a scheduled one, promote.lua
+--   drops it when it is due; only then is the idempotency marker deleted, which
+--   meanwhile holds 'cancelled' without expiry: the id stays taken while a copy that
+--   must never run still waits (a new task of that id would be dropped instead, or that
+--   copy would run). A scheduled task's id goes into the voided set, so that its copy
+--   no longer counts against MAX_QUEUE_LENGTH.
 -- * running: only the cancel flag is set; the worker running it sees the flag, asks the
 --   handler to stop, and records the cancelled outcome itself.
 -- KEYS[1]  state hash (task id -> "<status> <session id>")
 -- KEYS[2]  cancel hash (task id -> 1 while the cancel waits to be carried out)
 -- KEYS[3]  the task's result key
 -- KEYS[4]  the task's idempotency marker (kept, as 'cancelled', until drop.lua)
+-- KEYS[5]  voided set (ids of cancelled tasks whose copy waits in the scheduled set)
 -- ARGV[1]  task id
 -- ARGV[2]  the state value the caller read (the result was built for its session)
 -- ARGV[3]  the cancelled result JSON
@@ -52,5 +55,8 @@ redis.call('SET', KEYS[3], ARGV[3], 'EX', tonumber(ARGV[4]))
 redis.call('HSET', KEYS[2], ARGV[1], 1)
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[4], 'cancelled')
+if word == 'scheduled' then
+  redis.call('SADD', KEYS[5], ARGV[1])
+end
 redis.call('PUBLISH', ARGV[5], ARGV[3])
 return 1

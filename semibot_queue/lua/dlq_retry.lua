@@ -13,6 +13,7 @@
 -- KEYS[8]  state hash (used only when ARGV[6] is '1')
 -- KEYS[9]  the task's result key (used only when ARGV[6] is '1')
 -- KEYS[10] scheduled sorted set: counted with pending against MAX_QUEUE_LENGTH, as enqueue does
+-- KEYS[11] voided set: scheduled copies of cancelled tasks, not counted (as enqueue does)
 -- ARGV[1]  record id
 -- ARGV[2]  the record JSON as the caller read it (compare-and-set: no lost updates)
 -- ARGV[3]  the task to push: plain JSON with its counts reset, or the raw bytes kept
@@ -39,7 +40,8 @@ if mark then
     return -2
   end
 end
-if redis.call('LLEN', KEYS[6]) + redis.call('ZCARD', KEYS[10]) + 1 > tonumber(ARGV[4]) then
+local live = redis.call('LLEN', KEYS[6]) + redis.call('ZCARD', KEYS[10])
+if live + 1 > tonumber(ARGV[4]) and live - redis.call('SCARD', KEYS[11]) + 1 > tonumber(ARGV[4]) then
   return -1
 end
 remove_dead_letter(K, ARGV[1])

@@ -45,8 +45,10 @@ local function set_status(state, id, word)
 end
 
 -- taken(K, bodies, max_length): bookkeeping of tasks a worker just took, with K the table
--- {crashes=, releases=, state=, cancel=}: each becomes "running"; returns, in order, the
--- earlier lost or given-back deliveries of each and 1 for each whose cancel was asked.
+-- {crashes=, releases=, state=, cancel=}: each becomes "running", except one cancelled
+-- before it ran (its state is gone: it has ended, and the worker drops it); returns, in
+-- order, the earlier lost or given-back deliveries of each and 1 for each whose cancel
+-- was asked.
 local function taken(K, bodies, max_length)
   local counts, cancelled = {}, {}
   local redelivery = redis.call('EXISTS', K.crashes, K.releases) > 0
@@ -55,7 +57,9 @@ local function taken(K, bodies, max_length)
     local id = key_of(body, max_length)
     counts[i] = redelivery and redelivered(K.crashes, K.releases, id) or 0
     cancelled[i] = cancels and redis.call('HEXISTS', K.cancel, id) or 0
-    set_status(K.state, id, 'running')
+    if cancelled[i] == 0 or redis.call('HEXISTS', K.state, id) == 1 then
+      set_status(K.state, id, 'running')
+    end
   end
   return counts, cancelled
 end
