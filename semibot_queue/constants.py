@@ -214,5 +214,12 @@ SUPERVISOR_POLL_INTERVAL = 0.05
 #: Seconds a stopping worker process gets beyond SHUTDOWN_TIMEOUT before it is killed.
 SUPERVISOR_KILL_MARGIN = 10.0
 
+#: Variable naming the supervisor's pid in its worker processes' environment: a worker
+#: whose supervisor is gone (SIGKILLed, say) stops by itself instead of serving forever.
+SUPERVISOR_PID_ENV = "SEMIBOT_SUPERVISOR_PID"
+
+#: Seconds between a supervised worker's checks that its supervisor still runs.
+SUPERVISOR_CHECK_INTERVAL = 0.5
+
 #: Prefix of the temporary directory of the worker processes' metrics files.
 METRICS_DIR_PREFIX = "semibot-queue-metrics-"

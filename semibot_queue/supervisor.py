@@ -340,6 +340,7 @@ def run_workers(
     for field in attrs.fields(QueueSettings):
         env[c.ENV_PREFIX + field.name.upper()] = str(getattr(settings, field.name))
     env["REDIS_URL"] = redis_url if redis_url is not None else default_redis_url()
+    env[c.SUPERVISOR_PID_ENV] = str(os.getpid())
     return Supervisor(
         command,
         processes,

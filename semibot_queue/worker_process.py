@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import REGISTRY, start_http_server
 
+from semibot_queue.constants import SUPERVISOR_CHECK_INTERVAL, SUPERVISOR_PID_ENV
 from semibot_queue.consumer import TaskConsumer
 from semibot_queue.errors import QueueConfigurationError, QueueConnectionError, QueueError
 from semibot_queue.settings import QueueSettings
@@ -60,6 +62,15 @@ def run_worker(
             return EXIT_USAGE
         log.info("metrics on http://%s:%d/metrics", host, port)
     status = 0
+    ended = threading.Event()
+    supervisor = os.environ.get(SUPERVISOR_PID_ENV, "")
+    if supervisor.isdigit():
+        threading.Thread(
+            target=_stop_when_orphaned,
+            args=(int(supervisor), consumer, ended),
+            name="semibot-queue-supervisor-check",
+            daemon=True,
+        ).start()
     try:
         consumer.start()
     except QueueConfigurationError as exc:
@@ -72,6 +83,7 @@ def run_worker(
         log.error("queue %s: worker cannot go on: %s", consumer.keys.queue, exc)
         status = EXIT_FAILED
     finally:
+        ended.set()
         if server is not None:
             server.shutdown()
         consumer.disconnect()
@@ -82,3 +94,18 @@ def run_worker(
         sys.stdout.flush()
         os._exit(status)
     return status
+
+
+def _stop_when_orphaned(supervisor: int, consumer: TaskConsumer, ended: threading.Event) -> None:
+    """Stop ``consumer`` (a graceful drain) once this process's parent is no longer the
+    ``supervisor`` pid: a supervisor killed by SIGKILL cannot stop its workers itself."""
+    while not ended.wait(SUPERVISOR_CHECK_INTERVAL):
+        if os.getppid() != supervisor:
+            log.error(
+                "queue %s: supervisor (pid %d) is gone; this worker stops",
+                consumer.keys.queue,
+                supervisor,
+                extra={"queue": consumer.keys.queue, "worker_id": consumer.worker_id},
+            )
+            consumer.stop()
+            return

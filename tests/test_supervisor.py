@@ -274,6 +274,31 @@ class TestProcesses:
         assert sup.stop() == 0, sup.log()
 
 
+class TestSupervisorKilled:
+    """Found by a black-box review: a supervisor killed by SIGKILL left its workers running
+    and serving, re-parented to init; starting it again gave twice the processes."""
+
+    def test_its_workers_drain_and_stop_by_themselves_and_no_task_is_lost(
+        self, supervised, redis_url, redis_client
+    ):
+        sup = supervised([HANDLER, "--processes", "2", "--concurrency", "2"])
+        orphans = sup.wait_children(redis_client, 2)
+        ids = enqueue(redis_url, 8, sleep=0.5)
+        wait_until(lambda: in_flight(redis_client) >= 2, 10, "tasks running")
+        sup.process.kill()
+        sup.process.wait()
+        wait_until(
+            lambda: not any(alive(pid) for pid in orphans), 15, "the orphaned workers to stop"
+        )
+        assert sup.log().count("is gone; this worker stops") == len(orphans), sup.log()
+        assert in_flight(redis_client) == 0, "a stopped worker left tasks in flight"
+        again = supervised([HANDLER, "--processes", "1", "--concurrency", "4"])
+        again.wait_children(redis_client, 1)
+        done = results(redis_url, ids)
+        assert [r.status if r else None for r in done] == ["succeeded"] * 8
+        assert again.stop() == 0, again.log()
+
+
 # --- restarts and giving up -----------------------------------------------------------
 
 
