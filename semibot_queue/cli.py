@@ -32,10 +32,8 @@ from semibot_queue.cli_parser import (
 from semibot_queue.clients import make_client
 from semibot_queue.codec import Codec
 from semibot_queue.connection import (
-    REDIS_ERRORS,
-    is_transient,
+    Reconnector,
     mask_url,
-    translate,
 )
 from semibot_queue.constants import CLI_RECONNECT_ATTEMPTS, ENV_PREFIX
 from semibot_queue.dead_letter import DeadLetterQueue
@@ -303,16 +301,20 @@ def _stats(args: argparse.Namespace, out: TextIO) -> int:
     url = _url(args)
     keys = KeySpace.of(args.queue, settings)
     client = make_client(url, settings, queue=keys.queue)
+    # Each read is tried as the other one-shot commands try (CLI_RECONNECT_ATTEMPTS), so a
+    # watch outlives a Redis restart.
+    retry = Reconnector(url, keys.queue, settings)
+    reading, masked = (client, keys, settings), mask_url(url)
     try:
         while True:
             try:
-                snapshot = stats.collect(client, keys, settings)
-            except Exception as exc:
-                if is_transient(exc) or not isinstance(exc, REDIS_ERRORS):
-                    raise QueueConnectionError(
-                        f"cannot read stats from {mask_url(url)}: {exc}"
-                    ) from exc
-                raise translate(exc, "reading stats", url=url) from exc  # refused: says why
+                snapshot = retry.call("reading stats", lambda: stats.collect(*reading))
+            except QueueError as exc:
+                if type(exc) is not QueueConnectionError:
+                    raise  # refused, out of memory...: it says why
+                raise QueueConnectionError(f"cannot read stats from {masked}: {exc}") from exc
+            except Exception as exc:  # an answer stats cannot read counts as no answer
+                raise QueueConnectionError(f"cannot read stats from {masked}: {exc}") from exc
             if args.json:
                 print(json.dumps(snapshot, sort_keys=True), file=out)
             else:

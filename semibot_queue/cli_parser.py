@@ -21,9 +21,11 @@ from typing import Any, Final, NoReturn
 from semibot_queue.constants import (
     DEFAULT_QUEUE_NAME,
     DEFAULT_REDIS_URL,
+    MAX_CLI_SECONDS,
     MAX_NAME_LENGTH,
     MAX_QUEUE_LENGTH,
     MAX_RANGE,
+    MAX_WORKER_PROCESSES,
     METRICS_HOST,
 )
 from semibot_queue.demo import DEMO_TASKS
@@ -87,7 +89,7 @@ def _whole(low: int, high: int | None = None) -> Callable[[str], int]:
 
 
 def _seconds(*, zero: bool) -> Callable[[str], float]:
-    """A check for a finite number of seconds, > 0 (or >= 0 when ``zero``)."""
+    """A check for a number of seconds, > 0 (or >= 0 when ``zero``), at most a year."""
     wanted = ">= 0" if zero else "> 0"
 
     def check(text: str) -> float:
@@ -95,9 +97,10 @@ def _seconds(*, zero: bool) -> Callable[[str], float]:
             value = float(text)
         except ValueError:
             value = math.nan
-        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        if not 0 <= value <= MAX_CLI_SECONDS or (value == 0 and not zero):
             raise argparse.ArgumentTypeError(
-                f"must be a finite number of seconds {wanted}, got {text!r}"
+                f"must be a number of seconds {wanted} and at most {MAX_CLI_SECONDS}"
+                f" (a year), got {text!r}"
             )
         return value
 
@@ -212,7 +215,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     )
     worker.add_argument(
         "--processes",
-        type=_whole(1),
+        type=_whole(1, MAX_WORKER_PROCESSES),
         metavar="N",
         help="run N worker processes under a supervisor that restarts them (default: one"
         " worker, in this process)",

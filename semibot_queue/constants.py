@@ -76,6 +76,10 @@ CLI_RECONNECT_ATTEMPTS = 3
 #: Largest ``--limit`` or ``--offset`` the CLI takes: their sum must stay a Redis integer.
 MAX_RANGE = 2**62
 
+#: Most seconds a command-line option takes (--watch, --wait, --delay): a year. More is
+#: surely a mistake, and would overflow the platform's timers (time.sleep of 1e10 s).
+MAX_CLI_SECONDS = 366 * 24 * 3600
+
 #: Seconds a connection may wait for a reply (blocking calls stay below it).
 SOCKET_TIMEOUT = 5.0
 
@@ -213,6 +217,10 @@ SUPERVISOR_POLL_INTERVAL = 0.05
 
 #: Seconds a stopping worker process gets beyond SHUTDOWN_TIMEOUT before it is killed.
 SUPERVISOR_KILL_MARGIN = 10.0
+
+#: Most worker processes one supervisor runs (``--processes``): more is surely a typo,
+#: and each process is a whole interpreter.
+MAX_WORKER_PROCESSES = 256
 
 #: Variable naming the supervisor's pid in its worker processes' environment: a worker
 #: whose supervisor is gone (SIGKILLed, say) stops by itself instead of serving forever.

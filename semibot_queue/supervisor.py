@@ -330,6 +330,11 @@ def run_workers(
     for name, value in (("processes", processes), ("concurrency", concurrency)):
         if value is not None and (type(value) is not int or value < 1):
             raise SettingsError(f"{name} must be a whole number >= 1, got {value!r}")
+    if processes > c.MAX_WORKER_PROCESSES:
+        raise SettingsError(
+            f"processes must be at most MAX_WORKER_PROCESSES ({c.MAX_WORKER_PROCESSES}),"
+            f" got {processes}"
+        )
     settings = settings if settings is not None else QueueSettings.from_env()
     command = [sys.executable, "-m", "semibot_queue", "worker", handler, *worker_args]
     if queue_name is not None:

@@ -8,10 +8,12 @@ password masked; nothing is connected.
 
 from __future__ import annotations
 
+import inspect
+import math
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from redis.connection import parse_url
+from redis.connection import Connection, SSLConnection, UnixDomainSocketConnection, parse_url
 
 from semibot_queue.connection import mask_url
 from semibot_queue.errors import QueueConfigurationError
@@ -24,6 +26,13 @@ SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
 
 #: redis-py's URL parser (untyped), for the options of a cluster or Sentinel URL.
 _PARSE_URL: Any = parse_url
+
+#: URL options that configure redis-py's connection pool, not its connections.
+_POOL_OPTIONS = frozenset({"max_connections", "timeout", "connection_class"})
+
+#: URL options that are numbers of seconds, each with the least value that makes sense:
+#: a timeout of 0 would make every socket non-blocking.
+_SECONDS = {"socket_timeout": 0.0, "socket_connect_timeout": 0.0, "health_check_interval": -1.0}
 
 
 def is_distributed(url: str) -> bool:
@@ -57,12 +66,15 @@ def check_url(url: str) -> None:
             " redis+cluster://, redis+sentinel://, or their rediss+ forms)"
         )
     try:
-        _PARSE_URL(url)
+        options = _PARSE_URL(url)
     except ValueError as exc:
         raise QueueConfigurationError(f"{mask_url(url)}: {exc}") from None
     parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    kind = {"rediss": SSLConnection, "unix": UnixDomainSocketConnection}.get(scheme, Connection)
+    _check_options(url, options, kind)
     database = parts.path.strip("/")
-    if parts.scheme.lower() in ("redis", "rediss") and database and not database.isdigit():
+    if scheme in ("redis", "rediss") and database and not database.isdigit():
         raise QueueConfigurationError(
             f"{mask_url(url)}: {parts.path!r} is not a database number (redis://host:port/0)"
         )
@@ -104,4 +116,40 @@ def parse_distributed_url(url: str) -> tuple[str, list[Address], str, dict[str, 
         raise QueueConfigurationError(f"{mask_url(url)}: {exc}") from None
     for name in ("host", "port"):
         options.pop(name, None)
+    sentinels = {"sentinel_username", "sentinel_password"} if engine == "sentinel" else set()
+    _check_options(url, options, SSLConnection if tls else Connection, sentinels)
     return engine, hosts, master, options
+
+
+def _accepted(kind: type[Any]) -> set[str]:
+    """The keyword arguments a redis-py connection class (and its bases) accepts."""
+    names: set[str] = set()
+    for klass in kind.__mro__:
+        init = vars(klass).get("__init__")
+        if init is not None:
+            names.update(inspect.signature(init).parameters)
+    return names
+
+
+def _check_options(
+    url: str, options: dict[str, Any], kind: type[Any], extra: set[str] | None = None
+) -> None:
+    """Refuse a query option that neither redis-py's ``kind`` of connection nor ``extra``
+    takes, or a number of seconds out of range; redis-py would fail only when it connects."""
+    unknown = sorted(set(options) - _accepted(kind) - _POOL_OPTIONS - (extra or set()))
+    if unknown:
+        raise QueueConfigurationError(
+            f"{mask_url(url)}: unknown option {unknown[0]!r} (see redis-py's URL options)"
+        )
+    for name, least in _SECONDS.items():
+        value = options.get(name)
+        if value is not None and not (math.isfinite(value) and value > least):
+            bound = "> 0" if least == 0 else ">= 0"
+            raise QueueConfigurationError(
+                f"{mask_url(url)}: option {name}={value} must be a number of seconds {bound}"
+            )
+    connections = options.get("max_connections")
+    if connections is not None and connections < 1:
+        raise QueueConfigurationError(
+            f"{mask_url(url)}: option max_connections={connections} must be >= 1"
+        )

@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import semibot_queue
 from cli_handlers import echo, reject
-from redis_server import free_port
+from redis_server import RedisServer, free_port
 from semibot_queue import DeadLetterQueue, DeadLetterRecord, TaskConsumer, TaskProducer
 from semibot_queue.cli import Exit, main
 from semibot_queue.codec import task_id_of
@@ -576,6 +576,36 @@ class TestStats:
         assert snapshot["workers"] == []
         assert snapshot["dead_workers"] == 0
 
+    def test_watch_outlives_a_redis_restart(self, tmp_path, monkeypatch):
+        # Found by a black-box review: the first read after a restart ended the watch.
+        server = RedisServer(tmp_path)
+        server.start()
+        naps: list[float] = []
+        restarted = threading.Event()
+
+        class EnoughError(Exception):
+            pass
+
+        def sleep(seconds: float) -> None:
+            naps.append(seconds)
+            if len(naps) == 1:
+                server.kill()  # the next read finds Redis gone...
+                threading.Timer(0.3, lambda: (server.restart(), restarted.set())).start()
+            else:
+                raise EnoughError
+
+        monkeypatch.setattr("semibot_queue.cli.time", type("Clock", (), {"sleep": sleep}))
+        out = io.StringIO()
+        try:
+            with pytest.raises(EnoughError):
+                main(["--redis-url", server.url, "stats", "--json", "--watch", "1"], out=out)
+        finally:
+            restarted.wait(10)
+            server.stop()
+        assert restarted.is_set()
+        snapshots = [json.loads(line) for line in out.getvalue().splitlines()]
+        assert len(snapshots) == 2, "...and the watch went on once it was back"
+
     def test_watch_prints_a_snapshot_every_interval(self, redis_url, monkeypatch):
         naps: list[float] = []
 
@@ -855,7 +885,9 @@ class TestUnreachableRedis:
         status, _ = cli("--debug", "--redis-url", UNREACHABLE, "stats")
         assert status == Exit.UNREACHABLE
         err = capsys.readouterr().err
-        assert err.startswith("Traceback (most recent call last):")
+        # after the reconnect attempts' warnings (CLI_RECONNECT_ATTEMPTS, as every command)
+        assert err.count(" WARNING ") == 2, err
+        assert "\nTraceback (most recent call last):" in err
         assert "QueueConnectionError" in err
         assert err.splitlines()[-1].startswith("semibot-queue: error: cannot read stats from")
 
@@ -1135,6 +1167,7 @@ BAD_VALUES = [
     (["worker", "cli_handlers:echo", "--concurrency", "2.5", *U], "--concurrency"),
     (["worker", "cli_handlers:echo", "--concurrency", "many", *U], "--concurrency"),
     (["worker", "cli_handlers:echo", "--processes", "0", *U], "--processes"),
+    (["worker", "cli_handlers:echo", "--processes", "100000", *U], "--processes"),
     (["worker", "cli_handlers:echo", "--processes", "-2", *U], "--processes"),
     (["worker", "cli_handlers:echo", "--processes", "1.5", *U], "--processes"),
     (["worker", "cli_handlers:echo", "--processes", "two", *U], "--processes"),
@@ -1167,6 +1200,9 @@ BAD_VALUES = [
     (["stats", "--watch", "0", *U], "--watch"),
     (["stats", "--watch", "nan", *U], "--watch"),
     (["stats", "--watch", "inf", *U], "--watch"),
+    (["stats", "--watch", "1e10", *U], "--watch"),  # time.sleep overflowed (a review)
+    (["enqueue", *TASK, "--wait", "1e10", *U], "--wait"),
+    (["enqueue", *TASK, "--delay", "1e300", *U], "--delay"),
     (["stats", "--watch", "often", *U], "--watch"),
     # dlq
     (["dlq", "list", "--limit", "-1", *U], "--limit"),
@@ -1196,6 +1232,8 @@ BAD_VALUES = [
     (["stats", "--redis-url", "http://127.0.0.1:1/0"], "--redis-url"),
     (["dlq", "list", "--redis-url", "redis://127.0.0.1:port/0"], "--redis-url"),
     (["stats", "--redis-url", "redis://127.0.0.1:1/0?socket_timeout=soon"], "--redis-url"),
+    (["status", "x", "--redis-url", "redis://127.0.0.1:1/0?bogus=1"], "--redis-url"),
+    (["stats", "--redis-url", "redis://127.0.0.1:1/0?socket_timeout=-1"], "--redis-url"),
     (["stats", "--redis-url", "redis://127.0.0.1:1/notadb"], "--redis-url"),  # was db 0
     (["stats", "--redis-url", "redis+cluster://127.0.0.1"], "--redis-url"),
     (["stats", "--redis-url", "redis+sentinel://127.0.0.1:1"], "--redis-url"),
@@ -1385,7 +1423,7 @@ class TestGlobalOptionsAnywhere:
         status, _ = cli("stats", "--redis-url", UNREACHABLE, "--debug")
         assert status == Exit.UNREACHABLE
         err = capsys.readouterr().err
-        assert err.startswith("Traceback (most recent call last):")
+        assert "\nTraceback (most recent call last):" in err  # after the retries' warnings
         assert err.splitlines()[-1].startswith("semibot-queue: error: cannot read stats from")
 
     def test_log_options_after_a_one_shot_command_show_the_librarys_logs(self, redis_url, capsys):

@@ -332,6 +332,13 @@ class TestParseDistributedUrl:
             ("redis://queue:s3cret@h1:6379/notadb", "'/notadb' is not a database number"),
             ("redis://queue:s3cret@h1:6379/0?socket_timeout=abc", "socket_timeout"),
             ("redis+cluster://queue:s3cret@h1", "'h1' is not host:port"),
+            # a second black-box review: these reached redis-py, which failed at connect
+            ("redis://queue:s3cret@h1:6379/0?bogus=1", "unknown option 'bogus'"),
+            ("redis://queue:s3cret@h1:6379/0?socket_timeout=-1", "socket_timeout=-1.0 must"),
+            ("redis://queue:s3cret@h1:6379/0?socket_timeout=0", "socket_timeout=0.0 must"),
+            ("redis://queue:s3cret@h1:6379/0?max_connections=0", "max_connections=0 must"),
+            ("redis+cluster://queue:s3cret@h1:7000?bogus=1", "unknown option 'bogus'"),
+            ("redis+sentinel://queue:s3cret@s1:26379/m?health_check_interval=-1", "must be"),
         ],
     )
     def test_every_client_refuses_a_bad_url_with_a_queue_error(self, url, why):

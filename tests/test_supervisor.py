@@ -564,6 +564,7 @@ class TestApi:
             ("m:run", {"processes": 0}, "processes must be a whole number >= 1, got 0"),
             ("m:run", {"processes": True}, "processes must be a whole number >= 1, got True"),
             ("m:run", {"processes": 2, "concurrency": 0}, "concurrency must be a whole number"),
+            ("m:run", {"processes": 257}, r"at most MAX_WORKER_PROCESSES \(256\), got 257"),
         ],
     )
     def test_run_workers_refuses_nonsense_before_starting_anything(self, handler, kwargs, says):
