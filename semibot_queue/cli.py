@@ -48,6 +48,7 @@ from semibot_queue.errors import (
 from semibot_queue.keys import KeySpace
 from semibot_queue.producer import TaskProducer, default_redis_url
 from semibot_queue.settings import QueueSettings
+from semibot_queue.signals import ignore_stop_signals
 from semibot_queue.supervisor import run_workers
 from semibot_queue.tables import print_dead_letters, print_record, print_stats
 
@@ -81,6 +82,15 @@ class CommandError(QueueError):
 
 def _parser() -> argparse.ArgumentParser:
     return build_parser("Run, feed and inspect a semibot_queue task queue on Redis.")
+
+
+def run() -> None:
+    """The ``semibot-queue`` command: :func:`main` on ``sys.argv``, exiting with its status."""
+    status = main()
+    # Done (a worker has stopped and drained): a signal arriving now must not replace the
+    # exit status with death by that signal.
+    ignore_stop_signals()
+    sys.exit(status)
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:

@@ -45,3 +45,12 @@ def restore_handlers(previous: dict[int, Any]) -> None:
     """Put back the handlers :func:`install_handlers` replaced."""
     for signum, handler in previous.items():
         signal.signal(signum, handler)
+
+
+def ignore_stop_signals() -> None:
+    """Ignore SIGTERM and SIGINT from now on: for a worker process whose stop is done and
+    which is about to exit with its status (a late signal would replace that status with
+    death by signal). Only from the main thread of a process the caller owns."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)

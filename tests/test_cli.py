@@ -451,8 +451,8 @@ class TestEnqueueSubprocess:
         assert done.returncode == 7
         assert "in time" in error_line(done.stderr)
 
-    def test_console_script_runs_the_cli_main(self):
-        assert declared_entry_point() == "semibot_queue.cli:main"
+    def test_console_script_runs_the_cli(self):
+        assert declared_entry_point() == "semibot_queue.cli:run"
 
 
 # --- stats --------------------------------------------------------------------------

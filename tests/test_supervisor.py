@@ -299,6 +299,23 @@ class TestSupervisorKilled:
         assert again.stop() == 0, again.log()
 
 
+class TestLateSignals:
+    """Found by a black-box review: a signal arriving after the stop was done, once the
+    handlers were put back, killed the supervisor by that signal instead of its exit 0."""
+
+    def test_a_storm_of_sigterm_still_ends_with_exit_0(self, supervised, redis_client):
+        sup = supervised([HANDLER, "--processes", "1", "--concurrency", "1"])
+        sup.wait_children(redis_client, 1)
+        deadline = time.monotonic() + EXIT_TIMEOUT_S
+        while sup.process.poll() is None and time.monotonic() < deadline:
+            sup.process.send_signal(signal.SIGTERM)
+            try:
+                sup.process.wait(timeout=0.02)
+            except subprocess.TimeoutExpired:
+                continue
+        assert sup.process.returncode == 0, sup.log()
+
+
 # --- restarts and giving up -----------------------------------------------------------
 
 
