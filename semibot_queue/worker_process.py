@@ -65,12 +65,13 @@ def run_worker(
     ended = threading.Event()
     supervisor = os.environ.get(SUPERVISOR_PID_ENV, "")
     if supervisor.isdigit():
-        threading.Thread(
-            target=_stop_when_orphaned,
-            args=(int(supervisor), consumer, ended),
-            name="semibot-queue-supervisor-check",
-            daemon=True,
-        ).start()
+        with signals_to_main_thread():  # its thread must leave them to the worker
+            threading.Thread(
+                target=_stop_when_orphaned,
+                args=(int(supervisor), consumer, ended),
+                name="semibot-queue-supervisor-check",
+                daemon=True,
+            ).start()
     try:
         consumer.start()
     except QueueConfigurationError as exc:

@@ -299,6 +299,34 @@ class TestSupervisorKilled:
         assert again.stop() == 0, again.log()
 
 
+def stop_signals_blocked(pid: int) -> dict[str, bool]:
+    """For each thread of ``pid`` but its main one: whether it blocks SIGTERM and SIGINT."""
+    wanted = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGINT - 1))
+    blocked = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        if task.name == str(pid):
+            continue
+        status = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines())
+        mask = int(status["SigBlk"].strip(), 16)
+        blocked[f"{status['Name'].strip()} ({task.name})"] = mask & wanted == wanted
+    return blocked
+
+
+class TestSignalsReachTheMainThread:
+    """A thread that takes SIGTERM leaves the main thread in its blocking pop for up to
+    QUEUE_POLL_TIMEOUT: found in review, the supervisor check's thread did not block them."""
+
+    def test_every_thread_of_a_supervised_worker_but_the_main_one_blocks_them(
+        self, supervised, redis_client
+    ):
+        sup = supervised([HANDLER, "--processes", "1", "--concurrency", "2"])
+        [child] = sup.wait_children(redis_client, 1)
+        blocked = stop_signals_blocked(child)
+        assert len(blocked) >= 5, blocked  # pool, recorder, watcher, limiter, check...
+        assert all(blocked.values()), blocked
+        assert sup.stop() == 0, sup.log()
+
+
 class TestLateSignals:
     """Found by a black-box review: a signal arriving after the stop was done, once the
     handlers were put back, killed the supervisor by that signal instead of its exit 0."""
