@@ -314,16 +314,17 @@ def _stats(args: argparse.Namespace, out: TextIO) -> int:
     # Each read is tried as the other one-shot commands try (CLI_RECONNECT_ATTEMPTS), so a
     # watch outlives a Redis restart.
     retry = Reconnector(url, keys.queue, settings)
-    reading, masked = (client, keys, settings), mask_url(url)
     try:
         while True:
             try:
-                snapshot = retry.call("reading stats", lambda: stats.collect(*reading))
-            except QueueError as exc:
-                if type(exc) is not QueueConnectionError:
+                snapshot = retry.call(
+                    "reading stats", lambda: stats.collect(client, keys, settings)
+                )
+            except Exception as exc:
+                if isinstance(exc, QueueError) and type(exc) is not QueueConnectionError:
                     raise  # refused, out of memory...: it says why
-                raise QueueConnectionError(f"cannot read stats from {masked}: {exc}") from exc
-            except Exception as exc:  # an answer stats cannot read counts as no answer
+                # Redis out of reach, or an answer stats cannot read
+                masked = mask_url(url)
                 raise QueueConnectionError(f"cannot read stats from {masked}: {exc}") from exc
             if args.json:
                 print(json.dumps(snapshot, sort_keys=True), file=out)

@@ -40,8 +40,8 @@ if mark then
     return -2
   end
 end
-local live = redis.call('LLEN', KEYS[6]) + redis.call('ZCARD', KEYS[10])
-if live + 1 > tonumber(ARGV[4]) and live - redis.call('SCARD', KEYS[11]) + 1 > tonumber(ARGV[4]) then
+local live, limit = redis.call('LLEN', KEYS[6]) + redis.call('ZCARD', KEYS[10]), tonumber(ARGV[4])
+if live + 1 > limit and live - redis.call('SCARD', KEYS[11]) + 1 > limit then
   return -1
 end
 remove_dead_letter(K, ARGV[1])
